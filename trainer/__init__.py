@@ -1,0 +1,1 @@
+"""JAX trainer for semantic-ID recommenders: model, data, SFT, RL, decoding, metrics."""

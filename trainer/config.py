@@ -1,0 +1,184 @@
+"""Trainer configuration: one nested YAML, typed `--set dotted.key=value` overrides.
+
+Every key that exists is in DEFAULTS; a config file or override naming any other key is an error
+that suggests the nearest valid key, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Defaults target the offline demo (tiny model on synthetic data); experiment YAMLs override them.
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "output_dir": "runs/demo",
+    "model": {
+        "vocab_size": None,  # null: taken from the tokenizer
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": None,  # null: hidden_size // num_heads
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": True,
+        "max_position_embeddings": 512,
+        "dtype": "float32",  # compute dtype
+        "param_dtype": "float32",
+    },
+    "data": {
+        "dir": "data/demo",  # holds train.csv valid.csv test.csv info.txt index.json item.json
+        "max_history": 10,
+        "max_prompt_len": 128,  # prompts are left-truncated to this many tokens
+        "alignment_task": True,  # also train title -> SID during SFT
+    },
+    "synthetic": {"num_items": 120, "num_users": 400, "num_groups": 8, "seed": 0},
+    "tokenizer": {
+        "path": None,  # directory with tokenizer.json; null: train a BPE tokenizer on the data
+        "bpe_vocab_size": 384,
+    },
+    "init": {"checkpoint": None},  # msgpack params to start from (RL: the SFT best)
+    "mesh": {"data": -1, "fsdp": 1},  # -1: all devices not used by other axes
+    "train": {
+        "optimizer": {
+            "name": "lion",
+            "clip_norm": 1.0,
+            "weight_decay": 1e-8,
+            "lr_schedule": {
+                "type": "warmup_cosine",
+                "peak_value": 1e-6,
+                "warmup_ratio": 0.05,
+                "warmup_steps": None,
+                "init_value": 0.0,
+                "end_value": 0.0,
+            },
+        },
+    },
+    "sft": {
+        "steps": 600,
+        "batch_size": 32,
+        "eval_every": 100,
+        "eval_samples": 256,
+        "best_metric": "valid/loss",  # or valid/hr@10, valid/ndcg@10 (constrained decoding)
+        "checkpoint_every": 100,
+    },
+    # RL keys sit at the top level like the runbook's smoke run (--set steps=3 --set rollout.n=8).
+    "steps": 20,
+    "eval_every_steps": 0,
+    "checkpoint_every_steps": 5,
+    "rollout": {
+        "batch_size": 8,  # prompts per step (global, across processes)
+        "n": 8,  # group size: completions per prompt
+        "max_length_sample": 64,
+        "mode": "beam",  # beam | sample
+        "temperature": 1.0,
+    },
+    "rl": {
+        "kl_coef": 0.04,
+        "clip_eps": 0.2,
+        "reward": "ranking",
+        "updates_per_rollout": 1,
+        "adv_eps": 1e-4,
+    },
+    "eval": {
+        "split": "test",
+        "num_beams": 50,
+        "batch_size": 16,
+        "max_samples": None,  # null: the whole split
+    },
+    "crosscheck": {"calc_script": None, "tolerance": 1e-6, "python": None},
+    "wandb": {"project": "sidrl", "enabled": "auto"},  # auto: on when WANDB_API_KEY is set
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a bad value."""
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        keys.append(path)
+        if isinstance(v, dict):
+            keys.extend(_flat_keys(v, path + "."))
+    return keys
+
+
+def _unknown_key_error(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _flat_keys(DEFAULTS), n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
+    for k, v in update.items():
+        path = f"{prefix}{k}"
+        if k not in base:
+            raise _unknown_key_error(path, source)
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{source}: '{path}' must be a mapping, got {v!r}")
+            _merge(base[k], v, source, path + ".")
+        else:
+            base[k] = v
+
+
+def parse_value(text: str) -> Any:
+    """Type an override value the way YAML would: 3 -> int, 1e-6 -> float, true, null, [1, 2]."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    # YAML 1.1 reads "1e-6" as a string; users mean a float.
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_override(cfg: dict, assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set '{assignment}': expected dotted.key=value")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node, default_node = cfg, DEFAULTS
+    for i, part in enumerate(parts):
+        if not isinstance(default_node, dict) or part not in default_node:
+            raise _unknown_key_error(key.strip(), "--set")
+        if i == len(parts) - 1:
+            if isinstance(default_node[part], dict):
+                raise ConfigError(f"--set '{key}': is a section; set one of its keys")
+            node[part] = parse_value(text)
+        else:
+            node, default_node = node[part], default_node[part]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """DEFAULTS, then the YAML file, then each `dotted.key=value` override, in that order."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        _merge(cfg, loaded, str(path))
+    for assignment in overrides:
+        apply_override(cfg, assignment)
+    return cfg
+
+
+def to_yaml(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
