@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from trainer.errors import UserError
+
 # Defaults target the offline demo (tiny model on synthetic data); experiment YAMLs override them.
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
@@ -96,7 +98,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override names an unknown key or holds a bad value."""
 
 

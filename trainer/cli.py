@@ -1,0 +1,47 @@
+"""`python -m trainer <command> ...`: dispatch to the module that implements each command."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from trainer.errors import UserError
+
+# command -> module with `main(argv) -> int`; imported lazily so `--help` and light commands stay fast.
+COMMANDS = {
+    "prepare-data": "trainer.prepare_data",
+    "import-hf": "trainer.hf_io",
+    "export-hf": "trainer.hf_io",
+    "sft": "trainer.sft",
+    "rl": "trainer.rl.loop",
+    "eval": "trainer.evaluate",
+    "crosscheck": "trainer.crosscheck",
+    "handoff-upload": "trainer.handoff",
+    "handoff-download": "trainer.handoff",
+    "gcs-emulator": "trainer.gcs_emulator",
+    "metrics": "trainer.report",
+    "follow": "trainer.distributed",
+}
+
+
+def base_parser(command: str, description: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m trainer {command}", description=description)
+    p.add_argument("--config", default=None, help="YAML config file (keys: trainer/config.py DEFAULTS)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set rollout.n=8 (repeatable)")
+    p.add_argument("--log", default=None, help="also write the log to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: python -m trainer <command> [options]\ncommands: " + ", ".join(COMMANDS), file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[command])
+    try:
+        return int(module.main([command] + rest) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
