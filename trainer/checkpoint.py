@@ -1,0 +1,111 @@
+"""Checkpoints: flax msgpack of the parameter pytree, and resumable train states.
+
+Parameter files hold nested dicts with string keys (`layers/0/self_attn/q_proj/kernel`). Loading
+checks the tree, every shape and dtype against the model built from config, so a checkpoint of the
+wrong model or a truncated file fails with a message instead of a silent mis-load.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx, serialization
+
+from trainer.errors import CheckpointError
+from trainer.io_utils import atomic_write_bytes
+
+
+def _to_str_keys(tree):
+    if isinstance(tree, dict):
+        return {str(k): _to_str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _like_template(loaded, template):
+    """Map string keys back to the template's keys (NNX uses int keys for layer lists)."""
+    if isinstance(template, dict):
+        return {k: _like_template(loaded[str(k)], v) for k, v in template.items()}
+    return loaded
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}/"))
+    else:
+        out[prefix.rstrip("/")] = tree
+    return out
+
+
+def params_to_bytes(params: dict) -> bytes:
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), _to_str_keys(params))
+    return serialization.msgpack_serialize(host)
+
+
+def save_params(path: str | Path, params: dict) -> None:
+    """Write a param pytree (nested dicts of arrays) atomically."""
+    atomic_write_bytes(path, params_to_bytes(params))
+
+
+def read_msgpack(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        return serialization.msgpack_restore(path.read_bytes())
+    except Exception as e:  # msgpack raises several types for truncated/corrupt data
+        raise CheckpointError(
+            f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); the file is truncated or "
+            "not a flax msgpack file. Re-copy it or rerun the step that produced it.") from e
+
+
+def check_against(loaded: dict, template: dict, path: str | Path) -> None:
+    """Raise CheckpointError listing every missing/unexpected key and shape/dtype mismatch."""
+    want = _flatten(_to_str_keys(template))
+    got = _flatten(loaded) if isinstance(loaded, dict) else {}
+    problems = [f"missing {k}" for k in sorted(want.keys() - got.keys())]
+    problems += [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
+    for k in sorted(want.keys() & got.keys()):
+        w, g = want[k], got[k]
+        if tuple(np.shape(g)) != tuple(w.shape):
+            problems.append(f"{k}: shape {tuple(np.shape(g))} in file, model expects {tuple(w.shape)}")
+        elif np.asarray(g).dtype != np.dtype(w.dtype):
+            problems.append(f"{k}: dtype {np.asarray(g).dtype} in file, model expects {np.dtype(w.dtype)}")
+    if problems:
+        shown = "\n  ".join(problems[:12]) + (f"\n  ... {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise CheckpointError(
+            f"{path}: checkpoint does not match the configured model (check model.* in the config "
+            f"and the tokenizer's vocab size):\n  {shown}")
+
+
+def load_params(path: str | Path, template: dict) -> dict:
+    """Read params from `path`, validated against `template` (a param pytree of the same model)."""
+    loaded = read_msgpack(path)
+    check_against(loaded, template, path)
+    return _like_template(loaded, template)
+
+
+def load_into_model(model: nnx.Module, path: str | Path) -> None:
+    state = nnx.state(model, nnx.Param)
+    params = load_params(path, state.to_pure_dict())
+    state.replace_by_pure_dict(params)
+    nnx.update(model, state)
+
+
+def save_train_state(path: str | Path, state: dict) -> None:
+    """Resumable state: params, optimizer state, step, rng, data position (any pytree)."""
+    host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)
+    atomic_write_bytes(path, serialization.to_bytes(host))
+
+
+def load_train_state(path: str | Path, template: dict) -> dict:
+    path = Path(path)
+    try:
+        return serialization.from_bytes(template, path.read_bytes())
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: cannot restore the train state ({type(e).__name__}: {e}); delete it to start "
+            "over or check that the config did not change the model or optimizer.") from e

@@ -1,0 +1,119 @@
+"""Multi-process JAX: cluster init from the environment, broadcast from process 0, followers.
+
+Protocol (used by the TPU executor, see snakemake_executor_plugin_tpu):
+- Every host of a slice gets `TRAINER_COORDINATOR=host:port`, `TRAINER_NUM_PROCESSES=N` and its own
+  `TRAINER_PROCESS_ID=i` in the environment. Host 0 runs the Snakemake job, whose rule calls
+  `python -m trainer <command> ...`; hosts 1..N-1 run `python -m trainer follow`.
+- Process 0 publishes its argv under the key `trainer/argv` of the jax.distributed key-value store;
+  a follower waits for it and runs the same command with the same argv, in its own (possibly empty)
+  directory. Only process 0 reads and writes files; followers receive inputs by broadcast.
+- On TPU VMs the coordinator may be left out: jax.distributed discovers the slice itself.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import sys
+
+import jax
+import numpy as np
+
+ARGV_KEY = "trainer/argv"
+ENV_COORD, ENV_NUM, ENV_ID = "TRAINER_COORDINATOR", "TRAINER_NUM_PROCESSES", "TRAINER_PROCESS_ID"
+FOLLOWER_TIMEOUT_S = int(os.environ.get("TRAINER_FOLLOWER_TIMEOUT_S", "3600"))
+
+log = logging.getLogger("trainer")
+_initialized = False
+
+
+def init_from_env() -> None:
+    """Join the cluster described by the environment; a no-op for single-process runs."""
+    global _initialized
+    if _initialized:
+        return
+    num = int(os.environ.get(ENV_NUM, "1"))
+    if num > 1 or os.environ.get("TRAINER_TPU_AUTO_DISTRIBUTED") == "1":
+        # CPU processes need a collectives implementation to talk to each other (ignored on TPU).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if os.environ.get(ENV_COORD):
+            jax.distributed.initialize(
+                coordinator_address=os.environ[ENV_COORD],
+                num_processes=num,
+                process_id=int(os.environ[ENV_ID]),
+            )
+        else:
+            jax.distributed.initialize()
+        log.info("backend=%s process=%d/%d", jax.default_backend(), jax.process_index(), jax.process_count())
+    _initialized = True
+
+
+def start(argv: list[str]) -> None:
+    """Entry of every multi-process command: join the cluster; process 0 publishes its argv."""
+    init_from_env()
+    publish_argv(argv)
+
+
+def is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def broadcast_object(obj=None):
+    """Send a picklable object from process 0 to every process (others pass anything)."""
+    if jax.process_count() == 1:
+        return obj
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8) if is_main() else np.zeros(0, np.uint8)
+    size = multihost_utils.broadcast_one_to_all(np.array(payload.size, np.int64))
+    buf = np.zeros(int(size), np.uint8)
+    if is_main():
+        buf[:] = payload
+    buf = multihost_utils.broadcast_one_to_all(buf)
+    return pickle.loads(np.asarray(buf).tobytes())
+
+
+def sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _kv_client():
+    from jax._src import distributed as jdist
+
+    client = jdist.global_state.client
+    if client is None:
+        raise RuntimeError("jax.distributed is not initialized")
+    return client
+
+
+def publish_argv(argv: list[str]) -> None:
+    """Process 0: tell the followers which command to run."""
+    if jax.process_count() > 1 and is_main():
+        _kv_client().key_value_set(ARGV_KEY, json.dumps(argv))
+
+
+def follower_argv() -> list[str]:
+    return json.loads(_kv_client().blocking_key_value_get(ARGV_KEY, FOLLOWER_TIMEOUT_S * 1000))
+
+
+def main(argv: list[str]) -> int:
+    """`python -m trainer follow`: join the cluster, run what process 0 runs."""
+    from trainer.cli import COMMANDS
+    import importlib
+
+    init_from_env()
+    if is_main():
+        print("error: `follow` is for processes 1..N-1; process 0 runs the command itself", file=sys.stderr)
+        return 2
+    command_argv = follower_argv()
+    log.info("follower %d runs: %s", jax.process_index(), " ".join(command_argv))
+    module = importlib.import_module(COMMANDS[command_argv[0]])
+    return int(module.main(command_argv) or 0)
