@@ -1,0 +1,332 @@
+"""`python -m trainer crosscheck`: check the eval's metrics against MiniOneRec's calc.py.
+
+Runs the calc script on the predictions file (`crosscheck.calc_script`, e.g.
+workdir/MiniOneRec/calc.py, with `crosscheck.python`; when unset, the built-in independent
+re-implementation `python -m trainer.calc`), parses what it prints, and compares every HR@K,
+NDCG@K and the invalid count with run_summary.json. calc_crosscheck.json is always written, also on
+failure, so the numbers can be inspected; any difference beyond tolerance, any invalid prediction
+or a failing script then stops with a table.
+
+Precision: calc.py prints numpy arrays with numpy's default 8 fractional digits (scientific
+notation, also with 8 mantissa digits, when values span orders of magnitude). Every metric lies in
+[0, 1], so a printed value is within PRINT_RESOLUTION = 5e-9 of the true one. A metric passes when
+|eval - calc| <= tolerance + PRINT_RESOLUTION: with tolerance 0 the two must agree to the printed
+digits; the default 1e-6 is far below one test row's weight (1/n) for any n < 10^6, so a single
+row scored differently still fails.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.cli import base_parser
+from trainer.config import ConfigError, load_config
+from trainer.errors import UserError
+from trainer.io_utils import atomic_write_json, setup_logging
+
+log = logging.getLogger("trainer")
+
+PRINT_RESOLUTION = 5e-9
+ALL_K = (1, 3, 5, 10, 20, 50)
+STDERR_TAIL_LINES = 20
+
+
+class CrosscheckError(UserError):
+    """The eval's metrics disagree with calc.py, a prediction is invalid, or calc.py failed."""
+
+
+@dataclass
+class CalcOutput:
+    n_beam: int
+    topk: list[int]
+    ndcg: list[float]
+    hr: list[float]
+    invalid: int
+    echoed: list[str]  # lines before the report: upstream prints each invalid SID, then its target
+
+
+# ---------------------------------------------------------------------------- running calc.py
+
+def calc_command(cfg: dict, predictions: str, info: str) -> tuple[str, list[str]]:
+    """(tool description, argv) of the calc run the config asks for."""
+    cc = cfg["crosscheck"]
+    python = cc.get("python") or sys.executable
+    script = cc.get("calc_script")
+    if script:
+        return f"external:{script}", [str(python), str(script), "--path", predictions, "--item_path", info]
+    return "builtin:trainer.calc", [str(python), "-m", "trainer.calc", "--path", predictions, "--item_path", info]
+
+
+def _subprocess_env(tool: str) -> dict:
+    env = dict(os.environ)
+    if tool.startswith("builtin:"):
+        # The built-in runs as `-m trainer.calc`: make this package importable from any cwd.
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def _tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------- parsing its output
+
+def _parse_array(text: str, what: str) -> list[float]:
+    text = text.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        raise ValueError(f"{what} is not a printed array: {text!r}")
+    try:
+        return [float(tok) for tok in text[1:-1].split()]
+    except ValueError:
+        raise ValueError(f"{what} holds a value that is not a number: {text!r}") from None
+
+
+def _collect_array(lines: list[str], start: int, prefix: str) -> tuple[str, int]:
+    """Text of a numpy array printed after `prefix` on lines[start], possibly wrapped; (text, last line)."""
+    text = lines[start][len(prefix):]
+    end = start
+    while "]" not in text:
+        end += 1
+        if end >= len(lines):
+            raise ValueError(f"the array after {prefix.strip()!r} is not closed with ']'")
+        text += " " + lines[end]
+    return text, end
+
+
+def _prev_nonempty(lines: list[str], i: int) -> int:
+    i -= 1
+    while i >= 0 and not lines[i].strip():
+        i -= 1
+    return i
+
+
+def parse_calc_output(stdout: str) -> CalcOutput:
+    """Parse upstream calc.py's report: n_beam, K list, `NDCG:\\t[...]`, `HR\\t[...]`, invalid count.
+
+    Lines printed before n_beam (upstream echoes each invalid prediction and its target) are
+    skipped; the last `NDCG:` line anchors the report.
+    """
+    lines = stdout.splitlines()
+    ndcg_at = max((i for i, line in enumerate(lines) if line.startswith("NDCG:")), default=None)
+    if ndcg_at is None:
+        raise ValueError("no 'NDCG:' line in its output")
+    ndcg_text, end = _collect_array(lines, ndcg_at, "NDCG:")
+    hr_at = end + 1
+    if hr_at >= len(lines) or not re.match(r"HR\s", lines[hr_at]):
+        raise ValueError("no 'HR' line right after the NDCG array")
+    hr_text, end = _collect_array(lines, hr_at, "HR")
+    inv_at = end + 1
+    while inv_at < len(lines) and not lines[inv_at].strip():
+        inv_at += 1
+    m = re.search(r"(\d+)\s*$", lines[inv_at]) if inv_at < len(lines) else None
+    if m is None:
+        raise ValueError("no invalid-prediction count after the HR array")
+    k_at = _prev_nonempty(lines, ndcg_at)
+    beam_at = _prev_nonempty(lines, k_at)
+    try:
+        topk = ast.literal_eval(lines[k_at].strip()) if k_at >= 0 else None
+        n_beam = int(lines[beam_at].strip()) if beam_at >= 0 else None
+    except (ValueError, SyntaxError):
+        topk = n_beam = None
+    if not isinstance(topk, list) or not all(isinstance(k, int) for k in topk) or n_beam is None:
+        raise ValueError("expected the beam count and the K list on the two lines before 'NDCG:'")
+    ndcg, hr = _parse_array(ndcg_text, "NDCG"), _parse_array(hr_text, "HR")
+    if len(ndcg) != len(topk) or len(hr) != len(topk):
+        raise ValueError(f"K list {topk} has {len(topk)} cut-offs but NDCG has {len(ndcg)} and HR {len(hr)} values")
+    echoed = [line.strip() for line in lines[:beam_at] if line.strip()]
+    return CalcOutput(n_beam=n_beam, topk=topk, ndcg=ndcg, hr=hr, invalid=int(m.group(1)), echoed=echoed)
+
+
+# ---------------------------------------------------------------------------- comparing
+
+def _load_summary(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise CrosscheckError(f"run summary not found: {p} (run the eval first)")
+    try:
+        summary = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CrosscheckError(f"{p}: not valid JSON ({e}); rerun the eval") from e
+    if not isinstance(summary, dict):
+        raise CrosscheckError(f"{p}: expected a JSON object with eval/hr@K, eval/ndcg@K keys")
+    return summary
+
+
+def compare(calc: CalcOutput, summary: dict, summary_path: str, tolerance: float) -> tuple[dict, list[str]]:
+    """Per-metric comparison rows and the problems found."""
+    rows: dict[str, dict] = {}
+    problems: list[str] = []
+    slack = tolerance + PRINT_RESOLUTION + 1e-12  # 1e-12: decimal parsing of the printed digits
+    calc_values = {}
+    for k, hr, ndcg in zip(calc.topk, calc.hr, calc.ndcg):
+        calc_values[f"eval/hr@{k}"] = hr
+        calc_values[f"eval/ndcg@{k}"] = ndcg
+    ordered = [f"eval/hr@{k}" for k in calc.topk] + [f"eval/ndcg@{k}" for k in calc.topk]
+    for key in ordered:
+        calc_v = calc_values[key]
+        eval_v = summary.get(key)
+        if not isinstance(eval_v, (int, float)) or isinstance(eval_v, bool):
+            rows[key] = {"eval": eval_v, "calc": calc_v, "abs_diff": None, "passed": False}
+            problems.append(f"{summary_path} has no numeric '{key}' (calc.py reports it)")
+            continue
+        diff = abs(float(eval_v) - calc_v)
+        ok = diff <= slack
+        rows[key] = {"eval": float(eval_v), "calc": calc_v, "abs_diff": diff, "passed": ok}
+        if not ok:
+            problems.append(f"{key}: eval {eval_v!r} vs calc {calc_v!r} (|diff| {diff:.3g} > tolerance {tolerance:g})")
+    for k in ALL_K:
+        if k in calc.topk:
+            continue
+        for name in (f"eval/hr@{k}", f"eval/ndcg@{k}"):
+            if name in summary:
+                problems.append(f"{summary_path} has '{name}' but calc.py saw only {calc.n_beam} beams "
+                                f"(K <= {calc.n_beam}); were they run on the same predictions file?")
+    if "num_beams" in summary and summary["num_beams"] != calc.n_beam:
+        problems.append(f"{summary_path} says num_beams={summary['num_beams']} but calc.py saw {calc.n_beam}")
+    return rows, problems
+
+
+def _count_all_invalid(predictions: str, info: str) -> int:
+    """Invalid SIDs over every beam (calc.py stops counting at the hit)."""
+    from trainer.metrics import compute_metrics, load_predictions, load_valid_sids
+
+    metrics = compute_metrics(load_predictions(predictions), load_valid_sids(info))
+    return int(metrics["eval/invalid_prediction_count_all_beams"])
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.10g}"
+    return str(value)
+
+
+def format_table(report: dict) -> str:
+    header = f"{'metric':<34} {'eval (run_summary)':>20} {'calc':>16} {'abs diff':>10}  status"
+    lines = [header, "-" * len(header)]
+    for key, row in report["metrics"].items():
+        diff = "-" if row["abs_diff"] is None else f"{row['abs_diff']:.2e}"
+        lines.append(f"{key:<34} {_fmt(row['eval']):>20} {_fmt(row['calc']):>16} {diff:>10}  "
+                     f"{'ok' if row['passed'] else 'MISMATCH'}")
+    inv_ok = report["invalid_count"] == 0 and report["summary_invalid_count"] == 0
+    lines.append(f"{'eval/invalid_prediction_count':<34} {_fmt(report['summary_invalid_count']):>20} "
+                 f"{_fmt(report['invalid_count']):>16} {'':>10}  {'ok' if inv_ok else 'INVALID'}")
+    if report.get("invalid_count_all_beams") is not None:
+        n = report["invalid_count_all_beams"]
+        lines.append(f"{'invalid SIDs over all beams':<34} {'':>20} {n:>16} {'':>10}  {'ok' if n == 0 else 'INVALID'}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- the command
+
+def run_crosscheck(predictions: str, summary_path: str, info: str, out: str, cfg: dict) -> dict:
+    """Run calc, compare, write `out` (always); raise CrosscheckError when anything disagrees."""
+    tolerance = cfg["crosscheck"].get("tolerance")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
+        raise ConfigError(f"crosscheck.tolerance must be a number >= 0, got {tolerance!r}")
+    tool, cmd = calc_command(cfg, predictions, info)
+    report = {
+        "tool": tool, "command": cmd, "predictions": predictions, "summary": summary_path, "info": info,
+        "returncode": None, "n_beam": None, "topk": None, "metrics": {}, "max_abs_diff": None,
+        "invalid_count": None, "summary_invalid_count": None, "invalid_count_all_beams": None,
+        "tolerance": float(tolerance), "print_resolution": PRINT_RESOLUTION, "passed": False, "problems": [],
+    }
+    problems: list[str] = report["problems"]
+    calc = None
+    script = cfg["crosscheck"].get("calc_script")
+    if script and not Path(script).is_file():
+        problems.append(f"calc script not found: {script} (set crosscheck.calc_script to MiniOneRec's "
+                        f"calc.py, or null for the built-in trainer.calc)")
+    else:
+        log.info("crosscheck: %s", shlex.join(cmd))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=_subprocess_env(tool))
+        except OSError as e:
+            proc = None
+            problems.append(f"could not start {cmd[0]!r}: {e} (check crosscheck.python)")
+        if proc is not None:
+            report["returncode"] = proc.returncode
+            if proc.returncode != 0:
+                problems.append(f"calc script exited with {proc.returncode}; stderr tail:\n{_tail(proc.stderr)}")
+                report["stderr_tail"] = _tail(proc.stderr)
+            else:
+                try:
+                    calc = parse_calc_output(proc.stdout)
+                except ValueError as e:
+                    problems.append(f"cannot read calc output ({e}); stdout tail:\n{_tail(proc.stdout)}")
+                    report["stdout_tail"] = _tail(proc.stdout)
+
+    summary = None
+    try:
+        summary = _load_summary(summary_path)
+    except CrosscheckError as e:
+        problems.append(str(e))
+    if summary is not None:
+        inv = summary.get("eval/invalid_prediction_count")
+        report["summary_invalid_count"] = inv
+        if not isinstance(inv, int) or isinstance(inv, bool):
+            problems.append(f"{summary_path} has no integer 'eval/invalid_prediction_count'")
+    if calc is not None:
+        report.update(n_beam=calc.n_beam, topk=calc.topk, invalid_count=calc.invalid)
+        if summary is not None:
+            rows, found = compare(calc, summary, summary_path, float(tolerance))
+            report["metrics"] = rows
+            problems.extend(found)
+            diffs = [r["abs_diff"] for r in rows.values() if r["abs_diff"] is not None]
+            report["max_abs_diff"] = max(diffs) if diffs else None
+            if isinstance(report["summary_invalid_count"], int) and report["summary_invalid_count"] != calc.invalid:
+                problems.append(f"invalid count: eval {report['summary_invalid_count']} vs calc {calc.invalid}")
+        if calc.invalid:
+            pairs = list(zip(calc.echoed[0::2], calc.echoed[1::2]))[:5]
+            report["invalid_examples"] = [{"predicted": p, "target": t} for p, t in pairs]
+            shown = ", ".join(f"{p!r} (target {t!r})" for p, t in pairs)
+            problems.append(f"calc.py found {calc.invalid} invalid prediction(s): SIDs not in {info}"
+                            + (f"; first: {shown}" if shown else ""))
+    if isinstance(report["summary_invalid_count"], int) and report["summary_invalid_count"] > 0:
+        problems.append(f"{summary_path} reports {report['summary_invalid_count']} invalid prediction(s)")
+    try:
+        report["invalid_count_all_beams"] = _count_all_invalid(predictions, info)
+        if report["invalid_count_all_beams"]:
+            problems.append(f"{report['invalid_count_all_beams']} predicted SID(s) over all beams are not in {info}")
+    except UserError as e:
+        problems.append(str(e))
+
+    report["passed"] = not problems
+    atomic_write_json(out, report)
+    table = format_table(report)
+    if problems:
+        any_invalid = bool(report["invalid_count"] or report["invalid_count_all_beams"]
+                           or (isinstance(report["summary_invalid_count"], int) and report["summary_invalid_count"] > 0))
+        extra = ("\nAn invalid prediction means constrained decoding produced a SID outside the item set, "
+                 "or the info file is not the one the eval used.") if any_invalid else ""
+        raise CrosscheckError(
+            f"calc cross-check FAILED ({tool}; {shlex.join(cmd)}):\n{table}\nproblems:\n"
+            + "\n".join(f"  - {p}" for p in problems) + extra + f"\ndetails: {out}")
+    print(f"calc cross-check passed ({tool}), max |diff| {_fmt(report['max_abs_diff'])}:\n{table}")
+    return report
+
+
+def main(argv: list[str]) -> int:
+    argv = list(argv)
+    if argv and argv[0] == "crosscheck":
+        argv = argv[1:]
+    p = base_parser("crosscheck", "compare run_summary.json metrics with MiniOneRec calc.py output")
+    p.add_argument("--predictions", required=True, help="eval_predictions.json")
+    p.add_argument("--summary", required=True, help="run_summary.json of the same eval")
+    p.add_argument("--info", required=True, help="info file (SID<TAB>title<TAB>item_id) the eval used")
+    p.add_argument("--out", required=True, help="where to write calc_crosscheck.json")
+    args = p.parse_args(argv)
+    setup_logging(args.log)
+    cfg = load_config(args.config, args.overrides)
+    run_crosscheck(args.predictions, args.summary, args.info, args.out, cfg)
+    return 0
