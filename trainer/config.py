@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "synthetic": {"num_items": 120, "num_users": 400, "num_groups": 8, "seed": 0},
     "tokenizer": {
         "path": None,  # directory with tokenizer.json; null: train a BPE tokenizer on the data
-        "bpe_vocab_size": 384,
+        "bpe_vocab_size": 1024,
     },
     "init": {"checkpoint": None},  # msgpack params to start from (RL: the SFT best)
     "mesh": {"data": -1, "fsdp": 1},  # -1: all devices not used by other axes

@@ -1,0 +1,75 @@
+"""Device mesh, parameter sharding and global batches (1 device, N local devices, N processes).
+
+The mesh has axes ("data", "fsdp"). Batches are split over both axes; each parameter matrix is
+sharded over "fsdp" along its first dimension that divides evenly (replicated otherwise), so
+fsdp=1 is plain data parallelism.
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(mesh_cfg: dict) -> Mesh:
+    devices = jax.devices()
+    fsdp = int(mesh_cfg.get("fsdp", 1))
+    data = int(mesh_cfg.get("data", -1))
+    if data == -1:
+        data = len(devices) // fsdp
+    if data * fsdp != len(devices):
+        raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} != {len(devices)} devices")
+    return Mesh(np.array(devices).reshape(data, fsdp), BATCH_AXES)
+
+
+def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
+    if len(shape) >= 2 and fsdp > 1:
+        for dim, n in enumerate(shape):
+            if n % fsdp == 0:
+                spec = [None] * len(shape)
+                spec[dim] = "fsdp"
+                return P(*spec)
+    return P()
+
+
+def param_shardings(tree, mesh: Mesh):
+    fsdp = mesh.shape["fsdp"]
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def place(tree, shardings):
+    """Put host arrays that are identical on every process onto a (possibly global) sharding."""
+    def put(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+    return jax.tree.map(put, tree, shardings)
+
+
+def global_batch(rows: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """`rows` hold the FULL global batch on every process; each process feeds its own slice."""
+    sharding = batch_sharding(mesh)
+    return {k: place(v, sharding) for k, v in rows.items()}
+
+
+def to_host(x) -> np.ndarray:
+    """Fetch a (possibly multi-process) array to every host as numpy."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def check_divisible(global_batch_size: int, mesh: Mesh, key: str) -> None:
+    n = mesh.size
+    if global_batch_size % n:
+        raise ValueError(f"{key}={global_batch_size} must be a multiple of the {n} devices in the mesh")

@@ -1,0 +1,223 @@
+"""Supervised fine-tuning to an "SFT best" checkpoint.
+
+`python -m trainer sft --config C --data DIR [--set ...]` trains on the sequential task (history of
+SIDs -> next SID) plus the item alignment task (title -> SID), response-only cross-entropy, and keeps
+the best params by `sft.best_metric` on the valid split. Process 0 prepares the data and writes every
+file; other processes receive token arrays by broadcast. A rerun resumes from the last train state.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from trainer import checkpoint, distributed, parallel
+from trainer.batching import left_pad, prompt_plus_response, response_ids
+from trainer.cli import base_parser
+from trainer.config import ConfigError, load_config
+from trainer.io_utils import atomic_write_json, md5_file, setup_logging
+from trainer.losses import response_logprobs
+from trainer.model import ModelConfig, build_model
+from trainer.optim import build_optimizer
+from trainer.runlog import RunLog
+
+log = logging.getLogger("trainer")
+N_RESP = 5  # a, b, c, newline, eos
+
+
+def build_tokenizer(cfg: dict, catalog, texts: list[str]):
+    from trainer import tokenizer as tk
+
+    if cfg["tokenizer"]["path"]:
+        tok = tk.load_tokenizer(cfg["tokenizer"]["path"])
+        tk.add_sid_tokens(tok, catalog.sids)
+        return tok
+    return tk.train_bpe_tokenizer(texts, catalog.sids, cfg["tokenizer"]["bpe_vocab_size"])
+
+
+def encode_task(tok, prompts: list[str], sid_index: np.ndarray, sid_table, max_prompt_len: int, n_resp: int):
+    from trainer import tokenizer as tk
+
+    prompt_ids, prompt_mask = left_pad([tk.encode_prompt(tok, p, max_prompt_len) for p in prompts], tok.pad_token_id)
+    eos = tok.eos_token_id if n_resp == 5 else None
+    resp = response_ids(sid_table, sid_index, tk.newline_id(tok), eos)
+    return prompt_plus_response(prompt_ids, prompt_mask, resp)
+
+
+def prepare_data(cfg: dict, data_dir: str) -> dict:
+    """Process 0: read the dataset, build the tokenizer, encode both tasks as token arrays."""
+    from trainer import data as dt, prompts, tokenizer as tk
+
+    catalog = dt.load_catalog(data_dir)
+    train = dt.read_split(data_dir, "train", catalog, cfg["data"]["max_history"])
+    valid = dt.read_split(data_dir, "valid", catalog, cfg["data"]["max_history"])
+    sid_pos = {s: i for i, s in enumerate(catalog.sids)}
+    seq_prompts = [prompts.sequential_prompt(e.history_sids) for e in train]
+    seq_targets = [sid_pos[e.target_sid] for e in train]
+    if cfg["data"]["alignment_task"]:
+        pairs = dt.load_alignment_pairs(catalog)
+        seq_prompts += [prompts.alignment_prompt(title) for title, _ in pairs]
+        seq_targets += [sid_pos[sid] for _, sid in pairs]
+    tok = build_tokenizer(cfg, catalog, seq_prompts)
+    table = tk.sid_token_table(tok, catalog.sids)
+    mpl = cfg["data"]["max_prompt_len"]
+    train_ids, train_mask = encode_task(tok, seq_prompts, np.array(seq_targets), table, mpl, N_RESP)
+    n_valid = min(len(valid), cfg["sft"]["eval_samples"])
+    valid_ids, valid_mask = encode_task(
+        tok, [prompts.sequential_prompt(e.history_sids) for e in valid[:n_valid]],
+        np.array([sid_pos[e.target_sid] for e in valid[:n_valid]]), table, mpl, N_RESP)
+    return {"tokenizer": tok, "vocab_size": len(tok), "train_ids": train_ids, "train_mask": train_mask,
+            "valid_ids": valid_ids, "valid_mask": valid_mask, "num_sids": len(catalog.sids)}
+
+
+def make_steps(graphdef, tx):
+    def loss_fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        lp = response_logprobs(model, batch["input_ids"], batch["attention_mask"], N_RESP)
+        return -lp.mean()
+
+    @jax.jit
+    def train_step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    @jax.jit
+    def eval_loss(params, batch):
+        return loss_fn(params, batch)
+
+    return train_step, eval_loss
+
+
+def batch_rows(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Row indices of a global batch: a fresh permutation each epoch, a pure function of step."""
+    per_epoch = n // batch_size
+    epoch, pos = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[pos * batch_size:(pos + 1) * batch_size]
+
+
+def run(cfg: dict, data_dir: str) -> dict | None:
+    out = Path(cfg["output_dir"])
+    main_proc = distributed.is_main()
+    prepared = prepare_data(cfg, data_dir) if main_proc else None
+    tok = prepared.pop("tokenizer") if main_proc else None  # stays on process 0, which writes it
+    bundle = distributed.broadcast_object(prepared)
+    mcfg = ModelConfig.from_dict(cfg["model"], vocab_size=bundle["vocab_size"])
+    model = build_model(mcfg, cfg["seed"])
+    init_ckpt = cfg["init"]["checkpoint"]
+    if init_ckpt:
+        params0 = distributed.broadcast_object(
+            checkpoint.load_params(init_ckpt, nnx.state(model, nnx.Param).to_pure_dict()) if main_proc else None)
+        state = nnx.state(model, nnx.Param)
+        state.replace_by_pure_dict(params0)
+        nnx.update(model, state)
+    graphdef, state = nnx.split(model)
+    params = state.to_pure_dict()  # plain nested dicts: serialisable with the optimizer state
+
+    sft = cfg["sft"]
+    steps, bs = int(sft["steps"]), int(sft["batch_size"])
+    n_train = len(bundle["train_ids"])
+    if bs > n_train:
+        raise ConfigError(f"sft.batch_size={bs} exceeds the {n_train} training sequences; lower it")
+    mesh = parallel.make_mesh(cfg["mesh"])
+    parallel.check_divisible(bs, mesh, "sft.batch_size")
+    tx, schedule, opt_desc = build_optimizer(cfg["train"]["optimizer"], steps)
+    params = parallel.place(jax.device_get(params), parallel.param_shardings(params, mesh))
+    opt_state = tx.init(params)
+    train_step, eval_loss = make_steps(graphdef, tx)
+
+    state_path = out / "state" / "train_state.msgpack"
+    start, best, best_step = 0, None, None
+    template = _state_dict(params, opt_state, 0, None, None)
+    restored = distributed.broadcast_object(
+        checkpoint.load_train_state(state_path, template) if main_proc and state_path.exists() else None)
+    if restored is not None:
+        params = jax.tree.map(lambda ref, x: parallel.place(x, ref.sharding), params, restored["params"])
+        opt_state = jax.tree.map(lambda ref, x: parallel.place(x, ref.sharding), opt_state, restored["opt_state"])
+        start, best, best_step = _unpack_progress(restored)
+        log.info("resuming SFT from step %d (%s)", start, state_path)
+
+    runlog = RunLog(out, cfg, main_proc, "sft", resume_step=start)
+    valid = {"input_ids": bundle["valid_ids"], "attention_mask": bundle["valid_mask"]}
+    higher_is_better = sft["best_metric"] != "valid/loss"
+    t0, tokens = time.time(), 0
+    for step in tqdm(range(start, steps), desc="sft", disable=not main_proc, initial=start, total=steps):
+        rows = batch_rows(n_train, bs, step, cfg["seed"])
+        batch = parallel.global_batch({"input_ids": bundle["train_ids"][rows],
+                                       "attention_mask": bundle["train_mask"][rows]}, mesh)
+        params, opt_state, m = train_step(params, opt_state, batch)
+        tokens += int(bundle["train_mask"][rows].sum())
+        done = step + 1
+        if done % sft["eval_every"] == 0 or done == steps:
+            metrics = {"train/loss": float(m["loss"]), "train/grad_norm": float(m["grad_norm"]),
+                       "lr": float(schedule(step)), "valid/loss": _mean_eval_loss(eval_loss, params, valid, mesh)}
+            value = metrics[sft["best_metric"]] if sft["best_metric"] in metrics else None
+            if value is None:
+                raise ConfigError(f"sft.best_metric: '{sft['best_metric']}' not computed; valid: {sorted(metrics)}")
+            if best is None or (value > best if higher_is_better else value < best):
+                best, best_step = value, done
+                host_params = jax.tree.map(parallel.to_host, params)
+                if main_proc:
+                    checkpoint.save_params(out / "sft_best.msgpack", host_params)
+            runlog.log(done, metrics)
+            log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        if done % sft["checkpoint_every"] == 0 and done < steps:
+            host_state = _state_dict(params, opt_state, done, best, best_step)
+            if main_proc:
+                checkpoint.save_train_state(state_path, host_state)
+    elapsed = time.time() - t0
+    if not main_proc:
+        return None
+    from trainer import tokenizer as tk
+
+    tk.save_tokenizer(tok, out)
+    summary = {
+        "kind": "sft", "best_metric": sft["best_metric"], "best_value": best, "best_step": best_step,
+        "steps": steps, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "process_count": jax.process_count(), "device_count": jax.device_count(),
+        "optimizer": opt_desc, "model": mcfg.to_dict(), "num_sids": bundle["num_sids"],
+        "train_sequences": n_train, "curves": runlog.history(),
+        "sft_best_md5": md5_file(out / "sft_best.msgpack"), "config": cfg,
+    }
+    atomic_write_json(out / "run_summary.json", summary)
+    runlog.close()
+    return summary
+
+
+def _mean_eval_loss(eval_loss, params, valid: dict, mesh) -> float:
+    n = len(valid["input_ids"]) // mesh.size * mesh.size
+    if n == 0:
+        raise ConfigError(f"valid split has fewer rows than the {mesh.size} devices; add rows or lower sft.eval_samples")
+    return float(eval_loss(params, parallel.global_batch({k: v[:n] for k, v in valid.items()}, mesh)))
+
+
+def _state_dict(params, opt_state, step, best, best_step) -> dict:
+    """Everything a resumed run needs, as host arrays; progress lives in the same file as the
+    params so a kill can never pair new params with an old step."""
+    return {"params": jax.tree.map(parallel.to_host, params), "opt_state": jax.tree.map(parallel.to_host, opt_state),
+            "step": np.int64(step), "best": np.float64(np.nan if best is None else best),
+            "best_step": np.int64(-1 if best_step is None else best_step)}
+
+
+def _unpack_progress(state: dict):
+    best = float(state["best"])
+    return int(state["step"]), (None if np.isnan(best) else best), (None if int(state["best_step"]) < 0 else int(state["best_step"]))
+
+
+def main(argv: list[str]) -> int:
+    p = base_parser("sft", "supervised fine-tuning to an SFT best checkpoint")
+    p.add_argument("--data", default=None, help="dataset directory (default: data.dir)")
+    args = p.parse_args(argv[1:])
+    setup_logging(args.log)
+    distributed.start(argv)
+    cfg = load_config(args.config, args.overrides)
+    run(cfg, args.data or cfg["data"]["dir"])
+    return 0
