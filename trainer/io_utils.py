@@ -57,6 +57,7 @@ def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO)
     """Log to stderr and, when given, to a file (the Snakemake rule's `log:`)."""
     logger = logging.getLogger("trainer")
     logger.setLevel(level)
+    logger.propagate = False  # libraries may configure the root logger; print each line once
     logger.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]

@@ -18,7 +18,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from trainer import checkpoint, distributed, parallel
+from trainer import checkpoint, distributed, parallel, train_state
 from trainer.batching import left_pad, prompt_plus_response, response_ids
 from trainer.cli import base_parser
 from trainer.config import ConfigError, load_config
@@ -96,14 +96,6 @@ def make_steps(graphdef, tx):
     return train_step, eval_loss
 
 
-def batch_rows(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
-    """Row indices of a global batch: a fresh permutation each epoch, a pure function of step."""
-    per_epoch = n // batch_size
-    epoch, pos = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[pos * batch_size:(pos + 1) * batch_size]
-
-
 def run(cfg: dict, data_dir: str) -> dict | None:
     out = Path(cfg["output_dir"])
     main_proc = distributed.is_main()
@@ -131,18 +123,18 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     parallel.check_divisible(bs, mesh, "sft.batch_size")
     tx, schedule, opt_desc = build_optimizer(cfg["train"]["optimizer"], steps)
     params = parallel.place(jax.device_get(params), parallel.param_shardings(params, mesh))
-    opt_state = tx.init(params)
+    opt_state = jax.jit(tx.init)(params)  # committed arrays: the step keeps one compiled layout
     train_step, eval_loss = make_steps(graphdef, tx)
 
     state_path = out / "state" / "train_state.msgpack"
     start, best, best_step = 0, None, None
-    template = _state_dict(params, opt_state, 0, None, None)
     restored = distributed.broadcast_object(
-        checkpoint.load_train_state(state_path, template) if main_proc and state_path.exists() else None)
+        train_state.load(state_path, params, opt_state, ("best", "best_step"))
+        if main_proc and state_path.exists() else None)
     if restored is not None:
-        params = jax.tree.map(lambda ref, x: parallel.place(x, ref.sharding), params, restored["params"])
-        opt_state = jax.tree.map(lambda ref, x: parallel.place(x, ref.sharding), opt_state, restored["opt_state"])
-        start, best, best_step = _unpack_progress(restored)
+        params, opt_state, start, extra = train_state.restore(restored, params, opt_state)
+        if extra["best_step"] >= 0:
+            best, best_step = extra["best"], int(extra["best_step"])
         log.info("resuming SFT from step %d (%s)", start, state_path)
 
     runlog = RunLog(out, cfg, main_proc, "sft", resume_step=start)
@@ -150,7 +142,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     higher_is_better = sft["best_metric"] != "valid/loss"
     t0, tokens = time.time(), 0
     for step in tqdm(range(start, steps), desc="sft", disable=not main_proc, initial=start, total=steps):
-        rows = batch_rows(n_train, bs, step, cfg["seed"])
+        rows = train_state.batch_rows(n_train, bs, step, cfg["seed"])
         batch = parallel.global_batch({"input_ids": bundle["train_ids"][rows],
                                        "attention_mask": bundle["train_mask"][rows]}, mesh)
         params, opt_state, m = train_step(params, opt_state, batch)
@@ -170,9 +162,10 @@ def run(cfg: dict, data_dir: str) -> dict | None:
             runlog.log(done, metrics)
             log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if done % sft["checkpoint_every"] == 0 and done < steps:
-            host_state = _state_dict(params, opt_state, done, best, best_step)
+            host_state = train_state.to_host(params, opt_state, done, {
+                "best": np.nan if best is None else best, "best_step": -1 if best_step is None else best_step})
             if main_proc:
-                checkpoint.save_train_state(state_path, host_state)
+                train_state.save(state_path, host_state)
     elapsed = time.time() - t0
     if not main_proc:
         return None
@@ -197,19 +190,6 @@ def _mean_eval_loss(eval_loss, params, valid: dict, mesh) -> float:
     if n == 0:
         raise ConfigError(f"valid split has fewer rows than the {mesh.size} devices; add rows or lower sft.eval_samples")
     return float(eval_loss(params, parallel.global_batch({k: v[:n] for k, v in valid.items()}, mesh)))
-
-
-def _state_dict(params, opt_state, step, best, best_step) -> dict:
-    """Everything a resumed run needs, as host arrays; progress lives in the same file as the
-    params so a kill can never pair new params with an old step."""
-    return {"params": jax.tree.map(parallel.to_host, params), "opt_state": jax.tree.map(parallel.to_host, opt_state),
-            "step": np.int64(step), "best": np.float64(np.nan if best is None else best),
-            "best_step": np.int64(-1 if best_step is None else best_step)}
-
-
-def _unpack_progress(state: dict):
-    best = float(state["best"])
-    return int(state["step"]), (None if np.isnan(best) else best), (None if int(state["best_step"]) < 0 else int(state["best_step"]))
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,222 @@
+"""`python -m trainer rl`: GRPO-style RL from the SFT best to `sft_state_rl_last.msgpack`.
+
+Each step runs the four phases on one global batch of `rollout.batch_size` prompts:
+rollout (G = rollout.n completions each) -> reward -> advantage -> update. The same program runs
+on every process of a slice; process 0 reads the data, tokenizer and init checkpoint and
+broadcasts them, and it alone writes files. Data order and sampling keys are pure functions of
+(seed, step), so a run resumed from a train-state checkpoint replays exactly what an
+uninterrupted run does.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from tqdm import tqdm
+
+from trainer import checkpoint, distributed, parallel, train_state
+from trainer.batching import left_pad
+from trainer.cli import base_parser
+from trainer.config import ConfigError, load_config
+from trainer.errors import UserError
+from trainer.io_utils import atomic_write_bytes, atomic_write_json, md5_file, setup_logging
+from trainer.model import ModelConfig, build_model
+from trainer.optim import build_optimizer
+from trainer.rl import advantage, reward, rollout, update
+from trainer.runlog import RunLog
+from trainer.trie import build_trie
+
+log = logging.getLogger("trainer")
+CHECKPOINT_FILE = "sft_state_rl_last.msgpack"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+_LENGTH_BUCKET = 8
+
+
+def prepare_inputs(cfg: dict, data_dir: str) -> dict:
+    """Process 0: everything the other processes need, as plain arrays."""
+    from trainer import data as dt, prompts, tokenizer as tk
+
+    tok_dir = cfg["tokenizer"]["path"]
+    if not tok_dir:
+        raise ConfigError("tokenizer.path is not set: point it at the SFT run directory (its tokenizer files)")
+    if not cfg["init"]["checkpoint"]:
+        raise ConfigError("init.checkpoint is not set: point it at the SFT best (sft_best.msgpack)")
+    catalog = dt.load_catalog(data_dir)
+    examples = dt.read_split(data_dir, "train", catalog, cfg["data"]["max_history"])
+    if not examples:
+        raise ConfigError(f"{data_dir}/train.csv has no rows to train on")
+    tok = tk.load_tokenizer(tok_dir)
+    sid_pos = catalog.sid_index
+    encoded = [tk.encode_prompt(tok, prompts.sequential_prompt(e.history_sids), cfg["data"]["max_prompt_len"])
+               for e in examples]
+    length = -(-max(len(p) for p in encoded) // _LENGTH_BUCKET) * _LENGTH_BUCKET
+    prompt_ids, prompt_mask = left_pad(encoded, tok.pad_token_id, length)
+    mcfg = ModelConfig.from_dict(cfg["model"], vocab_size=len(tok))
+    template = nnx.state(build_model(mcfg, 0), nnx.Param).to_pure_dict()
+    params = checkpoint.load_params(cfg["init"]["checkpoint"], template)
+    return {
+        "model_cfg": mcfg.to_dict(), "params": jax.device_get(params),
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+        "targets": np.array([sid_pos[e.target_sid] for e in examples], np.int32),
+        "sid_table": tk.sid_token_table(tok, catalog.sids), "newline_id": tk.newline_id(tok),
+        "init_md5": md5_file(cfg["init"]["checkpoint"]), "tokenizer_dir": str(tok_dir),
+        "num_sids": len(catalog.sids),
+    }
+
+
+def _sharding_for(rows: int, mesh) -> NamedSharding:
+    """Split rows over the mesh when they divide evenly; otherwise every device holds all rows
+    (e.g. the smoke run's single prompt on a 4-process slice)."""
+    return parallel.batch_sharding(mesh) if rows % mesh.size == 0 else parallel.replicated(mesh)
+
+
+def make_step_fns(graphdef, tx, cfg: dict, mesh, state_shardings):
+    rl = cfg["rl"]
+    logprobs, update_step = update.make_phase_fns(graphdef, tx, float(rl["clip_eps"]), float(rl["kl_coef"]),
+                                                  state_shardings)
+    reward_fn = reward.get(rl["reward"])
+    g = int(cfg["rollout"]["n"])
+    seq_sharding = _sharding_for(int(cfg["rollout"]["batch_size"]) * g, mesh)
+
+    @jax.jit
+    def score(sid_index, targets):
+        rewards = reward_fn(sid_index, targets)
+        return rewards, advantage.group_advantages(rewards, float(rl["adv_eps"]))
+
+    def sequences(prompt_ids, prompt_mask, sid_table, sid_index, adv, newline_id):
+        """Prompt + completion rows [B*G, P+4], one per completion, with its advantage."""
+        resp = rollout.completion_tokens(sid_table, sid_index, newline_id)  # [B, G, 4]
+        b, p = prompt_ids.shape
+        ids = jnp.concatenate([jnp.repeat(prompt_ids[:, None], g, 1), resp], -1).reshape(b * g, p + update.N_RESP)
+        mask = jnp.concatenate([jnp.repeat(prompt_mask[:, None], g, 1), jnp.ones_like(resp)], -1).reshape(b * g, -1)
+        return ids, mask, adv.reshape(-1)
+
+    build_sequences = jax.jit(sequences, static_argnums=(5,), out_shardings=(seq_sharding,) * 3)
+    return logprobs, update_step, score, build_sequences
+
+
+def run(cfg: dict, data_dir: str) -> dict | None:
+    out = Path(cfg["output_dir"])
+    main_proc = distributed.is_main()
+    try:
+        payload = distributed.broadcast_object(prepare_inputs(cfg, data_dir) if main_proc else None)
+    except UserError as e:
+        distributed.broadcast_object({"error": str(e)})  # followers must stop too, not hang
+        raise
+    if "error" in payload:
+        raise UserError(f"process 0 failed: {payload['error']}")
+
+    steps, b, g = int(cfg["steps"]), int(cfg["rollout"]["batch_size"]), int(cfg["rollout"]["n"])
+    n_prompts = len(payload["prompt_ids"])
+    if b > n_prompts:
+        raise ConfigError(f"rollout.batch_size={b} exceeds the {n_prompts} training prompts; lower it")
+    mesh = parallel.make_mesh(cfg["mesh"])
+    graphdef, _ = nnx.split(build_model(ModelConfig(**payload["model_cfg"]), cfg["seed"]))
+    shardings = parallel.param_shardings(payload["params"], mesh)
+    params = parallel.place(payload["params"], shardings)
+    ref_params = parallel.place(payload["params"], shardings)  # frozen reference: the SFT best
+    tx, schedule, opt_desc = build_optimizer(cfg["train"]["optimizer"], steps * int(cfg["rl"]["updates_per_rollout"]))
+    opt_state = jax.jit(tx.init)(params)  # committed arrays: the step keeps one compiled layout
+    rep = parallel.replicated(mesh)
+    trie = jax.tree.map(lambda x: parallel.place(x, rep), build_trie(payload["sid_table"]))
+    sid_table = parallel.place(payload["sid_table"], rep)
+    newline_id = int(payload["newline_id"])
+    state_shardings = (shardings, jax.tree.map(lambda x: x.sharding, opt_state))
+    logprobs, update_step, score, build_sequences = make_step_fns(graphdef, tx, cfg, mesh, state_shardings)
+    prompt_sharding = _sharding_for(b, mesh)
+
+    state_path = out / "state" / "train_state.msgpack"
+    restored = distributed.broadcast_object(
+        train_state.load(state_path, params, opt_state) if main_proc and state_path.exists() else None)
+    start = 0
+    if restored is not None:
+        params, opt_state, start, _ = train_state.restore(restored, params, opt_state)
+        log.info("resuming RL from step %d (%s)", start, state_path)
+
+    runlog = RunLog(out, cfg, main_proc, "rl", resume_step=start)
+    timings = {"rollout": 0.0, "reward": 0.0, "advantage": 0.0, "update": 0.0}
+    t_start = time.time()
+    base_key = jax.random.key(int(cfg["seed"]))
+    for step in tqdm(range(start, steps), desc="rl", disable=not main_proc, initial=start, total=steps):
+        rows = train_state.batch_rows(n_prompts, b, step, int(cfg["seed"]))
+        prompt_ids = parallel.place(payload["prompt_ids"][rows], prompt_sharding)
+        prompt_mask = parallel.place(payload["prompt_mask"][rows], prompt_sharding)
+        targets = parallel.place(payload["targets"][rows], prompt_sharding)
+
+        t = time.time()
+        sid_index = rollout.rollout(graphdef, params, prompt_ids, prompt_mask, trie, cfg["rollout"], newline_id,
+                                    jax.random.fold_in(base_key, step))
+        sid_index.block_until_ready()
+        timings["rollout"] += time.time() - t
+        t = time.time()
+        rewards, adv = score(sid_index, targets)
+        rewards.block_until_ready()
+        timings["reward"] += time.time() - t  # reward and advantage share one small jitted call
+        t = time.time()
+        ids, mask, adv_rows = build_sequences(prompt_ids, prompt_mask, sid_table, sid_index, adv, newline_id)
+        batch = {"input_ids": ids, "attention_mask": mask, "advantages": adv_rows,
+                 "old_logp": logprobs(params, ids, mask), "ref_logp": logprobs(ref_params, ids, mask)}
+        batch["ref_logp"].block_until_ready()
+        timings["advantage"] += time.time() - t
+        t = time.time()
+        for _ in range(int(cfg["rl"]["updates_per_rollout"])):
+            params, opt_state, m = update_step(params, opt_state, batch)
+        m = jax.device_get(m)
+        timings["update"] += time.time() - t
+
+        done = step + 1
+        r = parallel.to_host(rewards)
+        metrics = {"reward_mean": float(r.mean()), "accuracy": float((r >= 1.0).any(axis=1).mean()),
+                   "kl": float(m["kl"]), "loss": float(m["loss"]), "pg_loss": float(m["pg_loss"]),
+                   "clip_frac": float(m["clip_frac"]), "grad_norm": float(m["grad_norm"]),
+                   "lr": float(schedule(step * int(cfg["rl"]["updates_per_rollout"])))}
+        runlog.log(done, metrics)
+        if done % max(1, steps // 20) == 0 or done == steps:
+            log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        every = int(cfg["checkpoint_every_steps"])
+        if every > 0 and done % every == 0 and done < steps:
+            host_state = train_state.to_host(params, opt_state, done)
+            if main_proc:
+                train_state.save(state_path, host_state)
+
+    elapsed = time.time() - t_start
+    host_params = jax.tree.map(parallel.to_host, params)
+    if not main_proc:
+        return None
+    checkpoint.save_params(out / CHECKPOINT_FILE, host_params)
+    for name in TOKENIZER_FILES:
+        src = Path(payload["tokenizer_dir"]) / name
+        if src.exists():
+            atomic_write_bytes(out / name, src.read_bytes())
+    done_steps = steps - start
+    summary = {
+        "kind": "rl", "steps": steps, "resumed_from_step": start, "seconds": elapsed,
+        "samples_per_s": done_steps * b * g / max(elapsed, 1e-9),
+        "phase_seconds": timings, "process_count": jax.process_count(), "device_count": jax.device_count(),
+        "backend": jax.default_backend(), "init_checkpoint": cfg["init"]["checkpoint"],
+        "init_checkpoint_md5": payload["init_md5"], "optimizer": opt_desc, "num_sids": payload["num_sids"],
+        "train_prompts": n_prompts, "curves": runlog.history(), "checkpoint_md5": md5_file(out / CHECKPOINT_FILE),
+        "config": cfg,
+    }
+    atomic_write_json(out / "run_summary.json", summary)
+    runlog.close()
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    p = base_parser("rl", "GRPO-style RL from the SFT best checkpoint")
+    p.add_argument("--data", default=None, help="dataset directory (default: data.dir)")
+    args = p.parse_args(argv[1:])
+    distributed.start(argv)
+    if distributed.is_main():
+        setup_logging(args.log)
+    cfg = load_config(args.config, args.overrides)
+    run(cfg, args.data or cfg["data"]["dir"])
+    return 0

@@ -1,0 +1,45 @@
+"""Resumable training: data order as a function of step, and train-state checkpoints.
+
+The state file holds params, optimizer state and progress together, so a kill can never pair new
+params with an old step. Data order and RNG keys derive from (seed, step), so nothing else needs
+saving for an exact replay.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from trainer import checkpoint, parallel
+
+
+def batch_rows(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
+    """Row indices of a global batch: a fresh permutation each epoch, a pure function of step."""
+    per_epoch = n // batch_size
+    epoch, pos = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    return perm[pos * batch_size:(pos + 1) * batch_size]
+
+
+def to_host(params, opt_state, step: int, extra: dict | None = None) -> dict:
+    """Gather the state to host numpy arrays (every process must call it: it may all-gather)."""
+    extra = {k: np.float64(v) for k, v in (extra or {}).items()}
+    return {"params": jax.tree.map(parallel.to_host, params), "opt_state": jax.tree.map(parallel.to_host, opt_state),
+            "step": np.int64(step), "extra": extra}
+
+
+def save(path: str | Path, host_state: dict) -> None:
+    checkpoint.save_train_state(path, host_state)
+
+
+def load(path: str | Path, params, opt_state, extra_keys: tuple[str, ...] = ()) -> dict:
+    template = to_host(params, opt_state, 0, {k: 0.0 for k in extra_keys})
+    return checkpoint.load_train_state(path, template)
+
+
+def restore(host_state: dict, params, opt_state):
+    """Place a loaded host state with the shardings of the live params/opt_state."""
+    place = lambda ref, x: parallel.place(x, ref.sharding)
+    return (jax.tree.map(place, params, host_state["params"]), jax.tree.map(place, opt_state, host_state["opt_state"]),
+            int(host_state["step"]), {k: float(v) for k, v in host_state["extra"].items()})
