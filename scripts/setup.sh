@@ -7,4 +7,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
-python -m pip install -q -e '.[test]'
+# compat mode: Snakemake finds executor plugins by scanning sys.path for module names
+python -m pip install -q -e '.[test]' --config-settings editable_mode=compat

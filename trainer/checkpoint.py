@@ -103,9 +103,29 @@ def save_train_state(path: str | Path, state: dict) -> None:
 
 def load_train_state(path: str | Path, template: dict) -> dict:
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"train state not found: {path}")
     try:
-        return serialization.from_bytes(template, path.read_bytes())
+        restored = serialization.from_bytes(template, path.read_bytes())
     except Exception as e:
         raise CheckpointError(
             f"{path}: cannot restore the train state ({type(e).__name__}: {e}); delete it to start "
             "over or check that the config did not change the model or optimizer.") from e
+    # from_bytes takes the file's arrays as they are: a state saved for another model size would
+    # load "successfully" with the wrong shapes, so compare every array leaf with the template.
+    problems = []
+
+    def check(key, got, want):
+        if hasattr(want, "shape") and tuple(np.shape(got)) != tuple(want.shape):
+            problems.append(
+                f"{jax.tree_util.keystr(key)}: shape {tuple(np.shape(got))} in file, expected {tuple(want.shape)}")
+        elif hasattr(want, "dtype") and hasattr(got, "dtype") and np.dtype(got.dtype) != np.dtype(want.dtype):
+            problems.append(f"{jax.tree_util.keystr(key)}: dtype {got.dtype} in file, expected {want.dtype}")
+
+    jax.tree_util.tree_map_with_path(check, restored, template)
+    if problems:
+        shown = "\n  ".join(problems[:12]) + (f"\n  ... {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise CheckpointError(
+            f"{path}: train state does not match the configured model/optimizer (delete it to start over, "
+            f"or restore the config it was written with):\n  {shown}")
+    return restored

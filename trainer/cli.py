@@ -26,7 +26,8 @@ COMMANDS = {
 
 def base_parser(command: str, description: str = "") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"python -m trainer {command}", description=description)
-    p.add_argument("--config", default=None, help="YAML config file (keys: trainer/config.py DEFAULTS)")
+    p.add_argument("--config", action="append", default=[],
+                   help="YAML config file (keys: trainer/config.py DEFAULTS); repeat to layer files")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config key, e.g. --set rollout.n=8 (repeatable)")
     p.add_argument("--log", default=None, help="also write the log to this file")

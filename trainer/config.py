@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -131,19 +132,26 @@ def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
             base[k] = v
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (1e-6, 5E+3): YAML 1.1 (PyYAML)
+    makes them strings, which users never mean. Applies in files, --set values and nested lists;
+    quoted values stay strings."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_value(text: str) -> Any:
     """Type an override value the way YAML would: 3 -> int, 1e-6 -> float, true, null, [1, 2]."""
     try:
-        value = yaml.safe_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError:
         return text
-    # YAML 1.1 reads "1e-6" as a string; users mean a float.
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
 
 
 def apply_override(cfg: dict, assignment: str) -> None:
@@ -163,15 +171,19 @@ def apply_override(cfg: dict, assignment: str) -> None:
             node, default_node = node[part], default_node[part]
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """DEFAULTS, then the YAML file, then each `dotted.key=value` override, in that order."""
+def load_config(paths: str | Path | list | tuple | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """DEFAULTS, then each YAML file in order, then each `dotted.key=value` override."""
     cfg = copy.deepcopy(DEFAULTS)
-    if path is not None:
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    for path in paths:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = _yaml_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if not isinstance(loaded, dict):

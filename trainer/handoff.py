@@ -423,10 +423,10 @@ def main(argv: list[str]) -> int:
             print(f"{e['status']:>17}  {e['uri']}  md5={e['md5']} crc32c={e['crc32c']} gen={e['generation']}")
         return 0
 
-    p = base_parser(command, "download one file named in a handoff receipt and verify its checksums")
+    p = base_parser(command, "download files named in a handoff receipt and verify their checksums")
     p.add_argument("--receipt", required=True, help="receipt JSON written by handoff-upload")
-    p.add_argument("--name", required=True, help="file name in the receipt, e.g. sft_state_rl_last.msgpack")
-    p.add_argument("--dest", required=True, help="local path to write")
+    p.add_argument("--name", required=True, nargs="+", help="file name(s) in the receipt, e.g. sft_state_rl_last.msgpack")
+    p.add_argument("--dest", required=True, help="local path to write (a directory when several names are given)")
     p.add_argument("--emulator-root", default=None, metavar="DIR", help=emu_help)
     args = p.parse_args(rest)
     setup_logging(args.log)
@@ -437,6 +437,9 @@ def main(argv: list[str]) -> int:
     if args.emulator_root and receipt.get("emulator") is False:
         raise HandoffError(f"receipt {args.receipt} points at real GCS ({receipt.get('endpoint')}); "
                            "drop --emulator-root to download from it")
-    result = download_verified(args.receipt, args.name, args.dest, client=_client_for(args.emulator_root))
-    print(f"{result['status']}: {result['uri']} -> {args.dest}")
+    client = _client_for(args.emulator_root)
+    for name in args.name:
+        dest = Path(args.dest) / name if len(args.name) > 1 else Path(args.dest)
+        result = download_verified(args.receipt, name, dest, client=client)
+        print(f"{result['status']}: {result['uri']} -> {dest}")
     return 0

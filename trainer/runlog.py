@@ -10,21 +10,27 @@ import logging
 import os
 from pathlib import Path
 
+from trainer.io_utils import atomic_write_text
+
 log = logging.getLogger("trainer")
 
 
 class RunLog:
-    def __init__(self, out_dir: str | Path, cfg: dict, active: bool, name: str, resume_step: int = 0):
+    def __init__(self, out_dir: str | Path, cfg: dict, active: bool, name: str, resume_step: int = 0,
+                 state_dir: str | Path | None = None):
         self.active = active
         self.path = Path(out_dir) / "metrics.jsonl"
         self.wandb = None
         if not active:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            # Drop lines past the checkpoint we resume from: they will be produced again.
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) < resume_step]
-            self.path.write_text("".join(k + "\n" for k in kept))
+        # Snakemake deletes a job's outputs before a rerun, so a resumed run takes the lines up to
+        # its checkpoint from the copy kept beside the train state; later lines are produced again.
+        saved = Path(state_dir) / "metrics.jsonl" if state_dir else None
+        source = saved if resume_step and saved and saved.exists() else None
+        kept = [l for l in source.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step] \
+            if source else []
+        self.path.write_text("".join(k + "\n" for k in kept))
         enabled = cfg["wandb"]["enabled"]
         if enabled is True or (enabled == "auto" and os.environ.get("WANDB_API_KEY")):
             try:
@@ -42,6 +48,11 @@ class RunLog:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log(row, step=step)
+
+    def snapshot(self, state_dir: str | Path) -> None:
+        """Keep the lines logged so far beside a train-state checkpoint."""
+        if self.active:
+            atomic_write_text(Path(state_dir) / "metrics.jsonl", self.path.read_text())
 
     def history(self) -> list[dict]:
         if not self.active or not self.path.exists():

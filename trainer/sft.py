@@ -126,7 +126,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     opt_state = jax.jit(tx.init)(params)  # committed arrays: the step keeps one compiled layout
     train_step, eval_loss = make_steps(graphdef, tx)
 
-    state_path = out / "state" / "train_state.msgpack"
+    state_path = train_state.state_path(out, cfg)
     start, best, best_step = 0, None, None
     restored = distributed.broadcast_object(
         train_state.load(state_path, params, opt_state, ("best", "best_step"))
@@ -137,7 +137,8 @@ def run(cfg: dict, data_dir: str) -> dict | None:
             best, best_step = extra["best"], int(extra["best_step"])
         log.info("resuming SFT from step %d (%s)", start, state_path)
 
-    runlog = RunLog(out, cfg, main_proc, "sft", resume_step=start)
+    runlog = RunLog(out, cfg, main_proc, "sft", resume_step=start, state_dir=state_path.parent)
+    best_path = state_path.parent / "sft_best.msgpack"  # moved to the output when the run ends
     valid = {"input_ids": bundle["valid_ids"], "attention_mask": bundle["valid_mask"]}
     higher_is_better = sft["best_metric"] != "valid/loss"
     t0, tokens = time.time(), 0
@@ -158,7 +159,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
                 best, best_step = value, done
                 host_params = jax.tree.map(parallel.to_host, params)
                 if main_proc:
-                    checkpoint.save_params(out / "sft_best.msgpack", host_params)
+                    checkpoint.save_params(best_path, host_params)
             runlog.log(done, metrics)
             log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if done % sft["checkpoint_every"] == 0 and done < steps:
@@ -166,12 +167,14 @@ def run(cfg: dict, data_dir: str) -> dict | None:
                 "best": np.nan if best is None else best, "best_step": -1 if best_step is None else best_step})
             if main_proc:
                 train_state.save(state_path, host_state)
+                runlog.snapshot(state_path.parent)
     elapsed = time.time() - t0
     if not main_proc:
         return None
     from trainer import tokenizer as tk
 
     tk.save_tokenizer(tok, out)
+    best_path.replace(out / "sft_best.msgpack")
     summary = {
         "kind": "sft", "best_metric": sft["best_metric"], "best_value": best, "best_step": best_step,
         "steps": steps, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
@@ -181,6 +184,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         "sft_best_md5": md5_file(out / "sft_best.msgpack"), "config": cfg,
     }
     atomic_write_json(out / "run_summary.json", summary)
+    train_state.clear(out)
     runlog.close()
     return summary
 

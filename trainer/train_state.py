@@ -6,12 +6,32 @@ saving for an exact replay.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from trainer import checkpoint, parallel
+
+
+# Keys that do not change what training computes; everything else must match to resume.
+_NOT_TRAINING = ("output_dir", "wandb", "eval", "crosscheck")
+
+
+def state_path(out_dir: str | Path, cfg: dict) -> Path:
+    """Train-state file of this exact configuration: a rerun with another config (more steps,
+    another learning rate) starts fresh instead of resuming someone else's state."""
+    relevant = {k: v for k, v in cfg.items() if k not in _NOT_TRAINING}
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return Path(out_dir) / "state" / digest / "train_state.msgpack"
+
+
+def clear(out_dir: str | Path) -> None:
+    """Drop resumable states once the run's final outputs are written."""
+    shutil.rmtree(Path(out_dir) / "state", ignore_errors=True)
 
 
 def batch_rows(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:

@@ -132,7 +132,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     logprobs, update_step, score, build_sequences = make_step_fns(graphdef, tx, cfg, mesh, state_shardings)
     prompt_sharding = _sharding_for(b, mesh)
 
-    state_path = out / "state" / "train_state.msgpack"
+    state_path = train_state.state_path(out, cfg)
     restored = distributed.broadcast_object(
         train_state.load(state_path, params, opt_state) if main_proc and state_path.exists() else None)
     start = 0
@@ -140,7 +140,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         params, opt_state, start, _ = train_state.restore(restored, params, opt_state)
         log.info("resuming RL from step %d (%s)", start, state_path)
 
-    runlog = RunLog(out, cfg, main_proc, "rl", resume_step=start)
+    runlog = RunLog(out, cfg, main_proc, "rl", resume_step=start, state_dir=state_path.parent)
     timings = {"rollout": 0.0, "reward": 0.0, "advantage": 0.0, "update": 0.0}
     t_start = time.time()
     base_key = jax.random.key(int(cfg["seed"]))
@@ -185,6 +185,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
             host_state = train_state.to_host(params, opt_state, done)
             if main_proc:
                 train_state.save(state_path, host_state)
+                runlog.snapshot(state_path.parent)
 
     elapsed = time.time() - t_start
     host_params = jax.tree.map(parallel.to_host, params)
@@ -206,6 +207,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         "config": cfg,
     }
     atomic_write_json(out / "run_summary.json", summary)
+    train_state.clear(out)
     runlog.close()
     return summary
 

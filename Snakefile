@@ -1,0 +1,27 @@
+# sidrl: GRPO-style RL of a semantic-ID recommender, from SFT best to metrics.json.
+#   snakemake results/demo/metrics.json        (offline default: synthetic data, tiny model)
+#   snakemake -n results/office/metrics.json   (plan; shows where each job runs)
+# Stages: prepare_data -> sft (or import of an HF checkpoint) -> rl_train -> gcs_copy -> eval_copy
+#         -> evaluate (RL and SFT best) -> crosscheck -> metrics.   See README.md and DESIGN.md.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/sft.smk"
+include: "rules/rl.smk"
+include: "rules/handoff.smk"
+include: "rules/eval.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        expand("results/{ds}/metrics.json", ds=["demo"]),
+    default_target: True

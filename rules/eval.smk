@@ -1,0 +1,51 @@
+# The RL checkpoint is evaluated from the local eval copy; the SFT best from its run directory,
+# the same way, so metrics.json can report RL against SFT.
+EVAL_SOURCES = {
+    "rl": ("workdir/checkpoints/{ds}/sft_state_rl_last.msgpack", "workdir/checkpoints/{ds}", "results/{ds}"),
+    "sft": ("runs/{ds}/sft/sft_best.msgpack", "runs/{ds}/sft", "results/{ds}/sft"),
+}
+
+for _which, (_ckpt, _tok, _out) in EVAL_SOURCES.items():
+
+    rule:
+        name:
+            "evaluate" if _which == "rl" else "evaluate_sft"
+        input:
+            data=rules.prepare_data.output,
+            ckpt=_ckpt,
+            tok=_tok + "/tokenizer.json",
+            configs=stage_files("eval"),
+        output:
+            predictions=_out + "/eval_predictions.json",
+            summary=_out + "/run_summary.json",
+        params:
+            args=config_args("eval"),
+            tok=_tok,
+            out=_out,
+        resources:
+            tpu="eval",
+        log:
+            f"logs/evaluate_{_which}/{{ds}}.log",
+        benchmark:
+            f"benchmarks/evaluate_{_which}/{{ds}}.tsv"
+        shell:
+            "{PY} -m trainer eval {params.args} --data data/{wildcards.ds} --checkpoint {input.ckpt}"
+            " --tokenizer {params.tok} --out {params.out} > {log} 2>&1"
+
+    rule:
+        name:
+            "crosscheck" if _which == "rl" else "crosscheck_sft"
+        input:
+            predictions=_out + "/eval_predictions.json",
+            summary=_out + "/run_summary.json",
+            info="data/{ds}/info.txt",
+        output:
+            _out + "/calc_crosscheck.json",
+        params:
+            sets=lambda w: " ".join(
+                f"--set crosscheck.{k}={v}" for k, v in config.get("crosscheck", {}).items() if v is not None),
+        log:
+            f"logs/crosscheck_{_which}/{{ds}}.log",
+        shell:
+            "{PY} -m trainer crosscheck --predictions {input.predictions} --summary {input.summary}"
+            " --info {input.info} --out {output} {params.sets} > {log} 2>&1"

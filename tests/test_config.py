@@ -1,0 +1,99 @@
+"""trainer.config: typed --set overrides, unknown keys with suggestions, YAML files."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from trainer.config import DEFAULTS, ConfigError, load_config, parse_value
+from trainer.errors import UserError
+
+
+@pytest.mark.parametrize("text, value", [
+    ("3", 3), ("-1", -1), ("0.5", 0.5), ("1e-6", 1e-6), ("5E+3", 5000.0), ("-2e3", -2000.0),
+    ("true", True), ("false", False), ("null", None), ("~", None),
+    ("[1, 2]", [1, 2]), ("[a, 1e-3]", ["a", 1e-3]), ("{a: 1}", {"a": 1}),
+    ("hello", "hello"), ("runs/demo x", "runs/demo x"), ("gs://bucket/p", "gs://bucket/p"),
+    ("'123'", "123"), ('"1e-6"', "1e-6"), ("", None),
+])
+def test_parse_value_types_like_yaml(text, value):
+    got = parse_value(text)
+    assert got == value and type(got) is type(value)
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["steps=3", "rollout.n=16", "train.optimizer.lr_schedule.peak_value=1e-6",
+                             "model.tie_word_embeddings=false", "init.checkpoint=runs/sft/sft_best.msgpack",
+                             "eval.max_samples=null", "rl.kl_coef=0", "data.dir=a=b"])
+    assert cfg["steps"] == 3 and cfg["rollout"]["n"] == 16
+    assert cfg["train"]["optimizer"]["lr_schedule"]["peak_value"] == 1e-6
+    assert isinstance(cfg["train"]["optimizer"]["lr_schedule"]["peak_value"], float)
+    assert cfg["model"]["tie_word_embeddings"] is False
+    assert cfg["init"]["checkpoint"] == "runs/sft/sft_best.msgpack"
+    assert cfg["eval"]["max_samples"] is None and cfg["rl"]["kl_coef"] == 0
+    assert cfg["data"]["dir"] == "a=b"  # only the first '=' separates key and value
+    assert cfg["rollout"]["batch_size"] == DEFAULTS["rollout"]["batch_size"]  # siblings untouched
+
+
+def test_load_config_does_not_mutate_defaults():
+    before = copy.deepcopy(DEFAULTS)
+    load_config(None, ["model.hidden_size=999", "rollout.n=2"])
+    assert DEFAULTS == before
+
+
+@pytest.mark.parametrize("assignment, suggestion", [
+    ("rollout.nn=3", "rollout.n"),
+    ("modle.hidden_size=8", "model.hidden_size"),
+    ("train.optimizer.lr_schedul.type=constant", "train.optimizer.lr_schedule.type"),
+])
+def test_unknown_override_key_suggests_the_nearest(assignment, suggestion):
+    with pytest.raises(ConfigError, match=rf"--set: unknown config key '{assignment.split('=')[0]}'; "
+                                          rf"did you mean '{suggestion}'\?"):
+        load_config(None, [assignment])
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="is a section; set one of its keys"):
+        load_config(None, ["model=3"])
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["steps"])
+    with pytest.raises(ConfigError, match="unknown config key 'steps.x'"):
+        load_config(None, ["steps.x=1"])  # a leaf has no sub-keys
+    with pytest.raises(ConfigError, match="unknown config key 'zzzzqqq'") as e:
+        load_config(None, ["zzzzqqq=1"])
+    assert "did you mean" not in str(e.value)  # no suggestion when nothing is close
+    assert issubclass(ConfigError, UserError)  # the CLI prints it and exits 2
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("steps: 7\nmodel:\n  hidden_size: 32\n  rms_norm_eps: 1e-5\nrollout:\n  n: 4\n")
+    cfg = load_config(path, ["rollout.n=2"])
+    assert cfg["steps"] == 7 and cfg["model"]["hidden_size"] == 32 and cfg["rollout"]["n"] == 2
+    assert cfg["model"]["rms_norm_eps"] == 1e-5 and isinstance(cfg["model"]["rms_norm_eps"], float)
+    assert cfg["model"]["num_heads"] == DEFAULTS["model"]["num_heads"]  # deep merge keeps siblings
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(tmp_path / "empty.yaml") == DEFAULTS
+
+
+def test_yaml_unknown_key_names_file_and_suggests(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("model:\n  hiden_size: 32\n")
+    with pytest.raises(ConfigError, match=rf"{path}: unknown config key 'model.hiden_size'; "
+                                          r"did you mean 'model.hidden_size'\?"):
+        load_config(path)
+
+
+def test_yaml_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found: .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: top level must be a mapping"):
+        load_config(bad)
+    bad.write_text("model: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: 'model' must be a mapping, got 3"):
+        load_config(bad)

@@ -1,0 +1,237 @@
+"""`python -m trainer eval`: constrained beam search over a split, predictions and metrics.
+
+    python -m trainer eval --config C --data DIR --checkpoint X.msgpack --tokenizer TOKDIR --out OUTDIR \
+        [--set eval.num_beams=50 --set eval.split=test ...]
+
+Writes OUTDIR/eval_predictions.json (MiniOneRec calc.py format: one record per split row, in split
+order, with `input` = prompt text, `output` = target SID + "\\n", `predict` = num_beams distinct SIDs
+best first) and OUTDIR/run_summary.json (eval/hr@K, eval/ndcg@K, eval/invalid_prediction_count, ...).
+
+Multi-process: process 0 reads every file (config, data, tokenizer, checkpoint) and broadcasts the
+token arrays and params; each process decodes its own contiguous slice of rows (sharded over its
+local devices); process 0 gathers the predictions and writes the outputs. `eval.batch_size` is
+the number of prompts one process decodes per call.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from trainer import distributed
+from trainer.batching import left_pad
+from trainer.cli import base_parser
+from trainer.config import ConfigError, load_config
+from trainer.decode import check_num_beams, constrained_beam_search
+from trainer.errors import PredictionError, UserError
+from trainer.io_utils import atomic_write_json, md5_file, setup_logging
+from trainer.metrics import compute_metrics
+from trainer.model import ModelConfig, build_model
+from trainer.trie import SidTrie, build_trie
+
+log = logging.getLogger("trainer")
+PREDICTIONS_FILE = "eval_predictions.json"
+SUMMARY_FILE = "run_summary.json"
+_LENGTH_BUCKET = 8  # prompt length is rounded up to this, fewer distinct shapes to compile
+
+
+def _local_mesh() -> Mesh | None:
+    devices = jax.local_devices()
+    return Mesh(np.array(devices), ("data",)) if len(devices) > 1 else None
+
+
+def predict_sid_rows(model, prompts: list[list[int]], pad_id: int, trie: SidTrie, num_beams: int, newline_id: int,
+                     batch_size: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Beam-search every prompt (token id lists) in fixed-shape batches.
+
+    Returns (sid_rows int32 [N, num_beams], scores float32 [N, num_beams]); rows index the SID
+    table the trie was built from. Every call uses the same [batch, length] shape.
+    """
+    check_num_beams(trie, num_beams)
+    if batch_size < 1:
+        raise ConfigError(f"eval.batch_size={batch_size}: must be >= 1")
+    n = len(prompts)
+    if n == 0:
+        return np.zeros((0, num_beams), np.int32), np.zeros((0, num_beams), np.float32)
+    mesh = _local_mesh()
+    if mesh is not None:  # shard each batch over this process's devices, replicate the weights
+        batch_size = math.ceil(batch_size / mesh.size) * mesh.size
+        graphdef, state = nnx.split(model)  # a replicated copy; the caller's model is left as is
+        model = nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, P())))
+    length = math.ceil(max(len(p) for p in prompts) / _LENGTH_BUCKET) * _LENGTH_BUCKET
+    rows, scores = [], []
+    for start in tqdm(range(0, n, batch_size), desc="eval", unit="batch", disable=not progress):
+        chunk = prompts[start:start + batch_size]
+        chunk = chunk + [chunk[0]] * (batch_size - len(chunk))  # pad the last batch; dropped below
+        ids, mask = left_pad(chunk, pad_id, length)
+        if mesh is not None:
+            ids, mask = jax.device_put((ids, mask), NamedSharding(mesh, P("data")))
+        sid_rows, sc = constrained_beam_search(model, ids, mask, trie, num_beams, newline_id)
+        rows.append(np.asarray(sid_rows))
+        scores.append(np.asarray(sc))
+    sid_rows, sc = np.concatenate(rows)[:n], np.concatenate(scores)[:n]
+    _check_beams(sid_rows, sc)
+    return sid_rows, sc
+
+
+def _check_beams(sid_rows: np.ndarray, scores: np.ndarray) -> None:
+    """Constrained decoding guarantees distinct valid SIDs; stop loudly if that is ever broken."""
+    bad = ~np.isfinite(scores).all(axis=1)
+    bad |= np.array([len(set(r.tolist())) != len(r) for r in sid_rows], bool)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise PredictionError(f"beam search returned invalid or duplicate SIDs for prompt {i} "
+                              f"(rows {sid_rows[i].tolist()}, scores {scores[i].tolist()}); this is a bug")
+
+
+def encode_prompts(tok, examples, max_prompt_len: int | None) -> tuple[list[str], list[list[int]]]:
+    from trainer.prompts import sequential_prompt
+    from trainer.tokenizer import encode_prompt
+
+    texts = [sequential_prompt(ex.history_sids) for ex in examples]
+    return texts, [encode_prompt(tok, t, max_prompt_len or 1 << 30) for t in texts]
+
+
+def build_records(texts: list[str], targets: list[str], sid_rows: np.ndarray, sids: list[str]) -> list[dict]:
+    """calc.py records: prompt text, target SID + newline, the beams' SIDs best first."""
+    return [{"input": text, "output": target + "\n", "predict": [sids[j] for j in row]}
+            for text, target, row in zip(texts, targets, sid_rows.tolist())]
+
+
+def evaluate_examples(model, tok, catalog, examples, num_beams: int, batch_size: int,
+                      max_prompt_len: int | None = None, progress: bool = False) -> tuple[list[dict], dict]:
+    """Single-process evaluation (SFT/RL validation): (prediction records, compute_metrics dict)."""
+    from trainer.tokenizer import newline_id, sid_token_table
+
+    trie = build_trie(sid_token_table(tok, catalog.sids))
+    texts, prompts = encode_prompts(tok, examples, max_prompt_len)
+    sid_rows, _ = predict_sid_rows(model, prompts, tok.pad_token_id, trie, num_beams, newline_id(tok),
+                                   batch_size, progress)
+    records = build_records(texts, [ex.target_sid for ex in examples], sid_rows, catalog.sids)
+    return records, compute_metrics(records, set(catalog.sids))
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _load_inputs(args) -> dict:
+    """Process 0: read config, data, tokenizer and checkpoint; everything followers need."""
+    from trainer import data as dt
+    from trainer.checkpoint import load_into_model
+    from trainer.model import params_dict
+    from trainer.tokenizer import load_tokenizer, newline_id, sid_token_table
+
+    cfg = load_config(args.config, args.overrides)
+    ev = cfg["eval"]
+    data_dir = args.data or cfg["data"]["dir"]
+    tok_dir = args.tokenizer or cfg["tokenizer"]["path"]
+    if not tok_dir:
+        raise ConfigError("no tokenizer: pass --tokenizer DIR (the checkpoint's tokenizer files) or set tokenizer.path")
+    catalog = dt.load_catalog(data_dir)
+    examples = dt.read_split(data_dir, ev["split"], catalog, cfg["data"]["max_history"])
+    if ev["max_samples"] is not None:
+        examples = examples[: int(ev["max_samples"])]
+    if not examples:
+        raise ConfigError(f"{data_dir}: split '{ev['split']}' has no rows to evaluate")
+    tok = load_tokenizer(tok_dir)
+    sid_table = sid_token_table(tok, catalog.sids)
+    check_num_beams(build_trie(sid_table), int(ev["num_beams"]))
+    model_cfg = ModelConfig.from_dict(cfg["model"], vocab_size=len(tok))
+    model = build_model(model_cfg, cfg["seed"])
+    load_into_model(model, args.checkpoint)
+    texts, prompts = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"])
+    return {
+        "cfg": cfg, "model_cfg": model_cfg.to_dict(), "params": jax.device_get(params_dict(model)),
+        "prompts": prompts, "texts": texts, "targets": [ex.target_sid for ex in examples],
+        "sids": catalog.sids, "sid_table": sid_table, "newline_id": newline_id(tok), "pad_id": tok.pad_token_id,
+        "checkpoint_md5": md5_file(args.checkpoint), "data_dir": str(data_dir), "tokenizer": str(tok_dir),
+    }
+
+
+def _gather_rows(local: np.ndarray, per_process: int) -> np.ndarray:
+    """Concatenate every process's [rows, K] slice in process order (on every process)."""
+    if distributed.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    padded = np.zeros((per_process,) + local.shape[1:], local.dtype)
+    padded[: len(local)] = local
+    stacked = np.asarray(multihost_utils.process_allgather(padded, tiled=False))  # [procs, rows, K]
+    return stacked.reshape((-1,) + local.shape[1:])
+
+
+def run(args) -> dict | None:
+    main_proc = distributed.is_main()
+    try:
+        inputs = _load_inputs(args) if main_proc else None
+        payload = distributed.broadcast_object(inputs if main_proc else None)
+    except UserError as e:
+        distributed.broadcast_object({"error": str(e)})  # followers must stop too, not hang
+        raise
+    if "error" in payload:
+        raise UserError(f"process 0 failed: {payload['error']}")
+    cfg, ev = payload["cfg"], payload["cfg"]["eval"]
+    num_beams, n = int(ev["num_beams"]), len(payload["prompts"])
+
+    model = build_model(ModelConfig(**payload["model_cfg"]), cfg["seed"])
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, payload["params"])
+    nnx.update(model, state)
+    trie = build_trie(payload["sid_table"])
+
+    procs, rank = distributed.process_count(), jax.process_index()
+    per_process = math.ceil(n / procs)
+    mine = payload["prompts"][rank * per_process:(rank + 1) * per_process]
+    t0 = time.time()
+    local_rows, _ = predict_sid_rows(model, mine, payload["pad_id"], trie, num_beams, payload["newline_id"],
+                                     int(ev["batch_size"]), progress=main_proc)
+    sid_rows = _gather_rows(local_rows.astype(np.int32), per_process)[:n]
+    seconds = time.time() - t0
+    if not main_proc:
+        return None
+
+    sids = payload["sids"]
+    records = build_records(payload["texts"], payload["targets"], sid_rows, sids)
+    metrics = compute_metrics(records, set(sids))
+    summary = {
+        **metrics,
+        "split": ev["split"],
+        "samples_per_s": n / seconds if seconds > 0 else None,
+        "seconds": seconds,
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_md5": payload["checkpoint_md5"],
+        "data_dir": payload["data_dir"],
+        "tokenizer": payload["tokenizer"],
+        "process_count": procs,
+        "device_count": jax.device_count(),
+        "backend": jax.default_backend(),
+        "config": cfg,
+    }
+    out = Path(args.out)
+    atomic_write_json(out / PREDICTIONS_FILE, records)
+    atomic_write_json(out / SUMMARY_FILE, summary)
+    log.info("eval %s: n=%d beams=%d %s  (%.1f samples/s)", ev["split"], n, num_beams,
+             " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/hr") or k.startswith("eval/ndcg")),
+             summary["samples_per_s"] or 0.0)
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    p = base_parser("eval", "constrained beam search over a split: predictions + HR/NDCG")
+    p.add_argument("--data", default=None, help="dataset directory (default: data.dir)")
+    p.add_argument("--checkpoint", required=True, help="msgpack params to evaluate")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: tokenizer.path)")
+    p.add_argument("--out", required=True, help="output directory for eval_predictions.json and run_summary.json")
+    args = p.parse_args(argv[1:])
+    distributed.start(argv)
+    if distributed.is_main():
+        setup_logging(args.log)
+    run(args)
+    return 0

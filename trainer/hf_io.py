@@ -1,0 +1,341 @@
+"""Hugging Face interop: import an HF Qwen2 checkpoint into our param pytree, export ours back.
+
+No torch at runtime: tensors are read and written with `safetensors.numpy` (bf16 via ml_dtypes).
+HF stores linear weights [out, in]; our kernels are [in, out], so every kernel is transposed on
+the way in and out. The name map is derived from the model's own param tree, so a layout change
+in trainer.model breaks import/export loudly instead of silently dropping tensors.
+
+CLI:
+  python -m trainer import-hf HF_DIR --out OUT_DIR
+  python -m trainer export-hf --checkpoint X.msgpack --tokenizer DIR --out OUT [--config F --set model.k=v]
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from trainer.errors import CheckpointError
+from trainer.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from trainer.model import ModelConfig, build_model, params_dict
+
+log = logging.getLogger("trainer")
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Copied verbatim between checkpoint and export directories when present.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+# Buffers some older exports include; they are recomputed, never learned.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+# ----------------------------------------------------------------------------- name mapping
+
+def hf_layout(cfg: ModelConfig) -> dict[str, tuple[tuple, bool]]:
+    """HF tensor name -> (path in our param tree, transpose?)."""
+    layout = {
+        "model.embed_tokens.weight": (("embed_tokens", "embedding"), False),
+        "model.norm.weight": (("norm", "weight"), False),
+    }
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}.", ("layers", i)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            layout[f"{hf}self_attn.{name}.weight"] = (ours + ("self_attn", name, "kernel"), True)
+            layout[f"{hf}self_attn.{name}.bias"] = (ours + ("self_attn", name, "bias"), False)
+        layout[f"{hf}self_attn.o_proj.weight"] = (ours + ("self_attn", "o_proj", "kernel"), True)
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            layout[f"{hf}mlp.{name}.weight"] = (ours + ("mlp", name, "kernel"), True)
+        layout[f"{hf}input_layernorm.weight"] = (ours + ("input_layernorm", "weight"), False)
+        layout[f"{hf}post_attention_layernorm.weight"] = (ours + ("post_attention_layernorm", "weight"), False)
+    if not cfg.tie_word_embeddings:
+        layout["lm_head.weight"] = (("lm_head", "kernel"), True)
+    return layout
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, Any]:
+    """The model's param tree as ShapeDtypeStructs (no memory allocated)."""
+    return params_dict(nnx.eval_shape(lambda: build_model(cfg)))
+
+
+def _get(tree: dict, path: tuple):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for k in path[:-1]:
+        tree = tree.setdefault(k, {})
+    tree[path[-1]] = value
+
+
+# ----------------------------------------------------------------------------- import
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; an HF checkpoint directory needs config.json and "
+                              f"{SAFETENSORS} (or {SAFETENSORS_INDEX} with its shards)")
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return obj
+
+
+def config_from_hf(hf: dict, source: str | Path) -> ModelConfig:
+    """ModelConfig from an HF config.json dict; rejects architectures this model cannot reproduce."""
+    if hf.get("model_type") != "qwen2":
+        raise CheckpointError(f"{source}: model_type is {hf.get('model_type')!r}; only 'qwen2' (Qwen2/Qwen2.5) "
+                              "checkpoints can be imported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{source}: hidden_act {hf['hidden_act']!r} is not supported (only 'silu')")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported (only plain RoPE)")
+    if hf.get("use_sliding_window"):
+        log.warning("%s: use_sliding_window is true; this model attends to the full context", source)
+    try:
+        return ModelConfig.from_hf(hf)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{source}: cannot read the model configuration ({type(e).__name__}: {e})") from e
+
+
+def _tensor_files(hf_dir: Path) -> dict[str, list[str]]:
+    """safetensors file name -> tensor names it should hold (None: every tensor in the file)."""
+    index = hf_dir / SAFETENSORS_INDEX
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no 'weight_map' object")
+        files: dict[str, list[str]] = {}
+        for name, fname in weight_map.items():
+            files.setdefault(fname, []).append(name)
+        for fname in files:
+            if not (hf_dir / fname).is_file():
+                raise CheckpointError(f"{index} names shard {fname}, which is missing from {hf_dir}; "
+                                      "download the complete checkpoint")
+        return files
+    if (hf_dir / SAFETENSORS).is_file():
+        return {SAFETENSORS: None}
+    extra = " (pytorch_model.bin found: re-save it with save_pretrained(..., safe_serialization=True))" \
+        if any(hf_dir.glob("pytorch_model*.bin")) else ""
+    raise CheckpointError(f"{hf_dir}: no {SAFETENSORS} or {SAFETENSORS_INDEX}{extra}")
+
+
+def import_hf(hf_dir: str | Path, param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
+    """Read an HF Qwen2 checkpoint directory -> (ModelConfig, params as nested plain dicts).
+
+    Params are cast to `param_dtype` (bf16 files are widened to fp32 by default, matching the
+    model's default param dtype, so checkpoint.load_params accepts them).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    hf_dir = Path(hf_dir)
+    cfg = config_from_hf(_read_json(hf_dir / "config.json"), hf_dir / "config.json")
+    cfg = dataclasses.replace(cfg, param_dtype=param_dtype)
+    layout = hf_layout(cfg)
+    shapes = param_shapes(cfg)
+    out_dtype = np.dtype(param_dtype) if param_dtype != "bfloat16" else _bf16()
+    params: dict = {}
+    problems: list[str] = []
+    seen: set[str] = set()
+    for fname, names in _tensor_files(hf_dir).items():
+        path = hf_dir / fname
+        try:
+            with safe_open(str(path), framework="np") as f:
+                in_file = set(f.keys())
+                for name in sorted(in_file if names is None else names):
+                    if name not in in_file:
+                        problems.append(f"{path}: the index lists {name} but the file does not contain it")
+                        continue
+                    if _IGNORED.search(name) or (name == "lm_head.weight" and cfg.tie_word_embeddings):
+                        seen.add(name)  # tied head: HF recomputes it from the embedding too
+                        continue
+                    if name not in layout:
+                        problems.append(f"{path}: unexpected tensor {name}")
+                        continue
+                    ours, transpose = layout[name]
+                    array = f.get_tensor(name)
+                    want = tuple(_get(shapes, ours).shape)
+                    want_hf = want[::-1] if transpose else want
+                    if tuple(array.shape) != want_hf:
+                        problems.append(f"{path}: tensor {name} has shape {tuple(array.shape)}, config.json "
+                                        f"implies {want_hf}")
+                        continue
+                    value = array.T if transpose else array
+                    _set(params, ours, np.ascontiguousarray(value.astype(out_dtype)))
+                    seen.add(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: cannot read safetensors file ({e}); the file is truncated or "
+                                  "corrupt, download it again") from e
+    problems += [f"{hf_dir}: missing tensor {name}" for name in layout if name not in seen]
+    if problems:
+        shown = "\n  ".join(problems[:12]) + (f"\n  ... {len(problems) - 12} more" if len(problems) > 12 else "")
+        raise CheckpointError(f"{hf_dir}: checkpoint does not match its config.json "
+                              f"(tie_word_embeddings={cfg.tie_word_embeddings}):\n  {shown}")
+    return cfg, params
+
+
+def _bf16():
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+# ----------------------------------------------------------------------------- export
+
+def _hf_config(cfg: ModelConfig, dtype_name: str, token_ids: dict) -> dict:
+    hf = cfg.to_hf()
+    hf.pop("torch_dtype", None)  # transformers 5 reads "dtype"
+    hf["dtype"] = dtype_name
+    # transformers 5 reads RoPE settings from rope_parameters; keep rope_theta for older readers.
+    hf["rope_parameters"] = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    hf["use_cache"] = True
+    hf.update(token_ids)
+    return hf
+
+
+def _token_ids(tokenizer_dir: Path, vocab_size: int) -> dict:
+    from trainer.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    if len(tok) > vocab_size:
+        raise CheckpointError(f"{tokenizer_dir}: the tokenizer has {len(tok)} tokens but the model's "
+                              f"vocab_size is {vocab_size}; export with the tokenizer the model was trained with")
+    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id}
+
+
+def copy_tokenizer_files(src: Path, out_dir: Path) -> list[str]:
+    """Copy the tokenizer files `src` has; write chat_template.jinja from tokenizer_config.json when
+    the template only lives there (older HF layout)."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            atomic_write_bytes(out_dir / name, (src / name).read_bytes())
+            copied.append(name)
+    if "chat_template.jinja" not in copied and "tokenizer_config.json" in copied:
+        template = _read_json(src / "tokenizer_config.json").get("chat_template")
+        if isinstance(template, str):
+            atomic_write_text(out_dir / "chat_template.jinja", template)
+            copied.append("chat_template.jinja")
+    return copied
+
+
+def export_hf(params: dict, model_cfg: ModelConfig, out_dir: str | Path,
+              tokenizer_dir: str | Path | None = None) -> list[str]:
+    """Write an HF Qwen2 checkpoint directory that `transformers` loads; returns the files written.
+
+    Tensors keep the params' dtype (fp32 or bf16). With a tokenizer, its files are copied and the
+    bos/eos/pad ids go into config.json and generation_config.json.
+    """
+    from safetensors.numpy import save as st_save
+
+    from trainer.checkpoint import check_against
+
+    out_dir = Path(out_dir)
+    params = _str_keys(params)
+    check_against(params, param_shapes(model_cfg), "params to export")
+    tensors = {}
+    for name, (ours, transpose) in hf_layout(model_cfg).items():
+        value = np.asarray(_get(params, tuple(str(k) for k in ours)))
+        tensors[name] = np.ascontiguousarray(value.T if transpose else value)
+    dtypes = {str(t.dtype) for t in tensors.values()}
+    if len(dtypes) != 1:
+        raise CheckpointError(f"params to export mix dtypes {sorted(dtypes)}; cast them to one dtype first")
+    token_ids = _token_ids(Path(tokenizer_dir), model_cfg.vocab_size) if tokenizer_dir is not None else {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_dir / SAFETENSORS, st_save(tensors, metadata={"format": "pt"}))
+    atomic_write_json(out_dir / "config.json", _hf_config(model_cfg, dtypes.pop(), token_ids))
+    written = [SAFETENSORS, "config.json"]
+    if token_ids:
+        gen = {k: v for k, v in token_ids.items() if v is not None}
+        atomic_write_json(out_dir / "generation_config.json", {**gen, "do_sample": False})
+        written.append("generation_config.json")
+        written += copy_tokenizer_files(Path(tokenizer_dir), out_dir)
+    return written
+
+
+def _str_keys(tree):
+    if isinstance(tree, dict):
+        return {str(k): _str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _import_main(argv: list[str]) -> int:
+    from trainer.checkpoint import save_params
+    from trainer.cli import base_parser
+    from trainer.io_utils import setup_logging
+
+    p = base_parser("import-hf", "convert an HF Qwen2 checkpoint directory to sft_best.msgpack + model_config.json")
+    p.add_argument("hf_dir", help="directory with config.json and model.safetensors (or a sharded index)")
+    p.add_argument("--out", required=True, help="output directory")
+    args = p.parse_args(argv)
+    setup_logging(args.log)
+    cfg, params = import_hf(args.hf_dir)
+    out = Path(args.out)
+    save_params(out / "sft_best.msgpack", params)
+    atomic_write_json(out / "model_config.json", cfg.to_dict())
+    copied = copy_tokenizer_files(Path(args.hf_dir), out)
+    log.info("imported %s -> %s (vocab %d, %d layers; tokenizer files: %s)", args.hf_dir, out,
+             cfg.vocab_size, cfg.num_layers, ", ".join(copied) or "none")
+    return 0
+
+
+def _checkpoint_vocab(path: Path) -> int:
+    from trainer.checkpoint import read_msgpack
+
+    tree = read_msgpack(path)
+    try:
+        return int(np.shape(tree["embed_tokens"]["embedding"])[0])
+    except (KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path}: no embed_tokens/embedding tensor; is this a parameter checkpoint?") from e
+
+
+def _export_main(argv: list[str]) -> int:
+    from trainer.checkpoint import load_params
+    from trainer.cli import base_parser
+    from trainer.config import load_config
+    from trainer.io_utils import setup_logging
+
+    p = base_parser("export-hf", "write a params msgpack as an HF checkpoint (safetensors + config + tokenizer)")
+    p.add_argument("--checkpoint", required=True, help="params msgpack (e.g. sft_state_rl_last.msgpack)")
+    p.add_argument("--tokenizer", default=None, help="directory with the tokenizer files to ship")
+    p.add_argument("--model-config", default=None,
+                   help="model_config.json written by import-hf (instead of the config's model.* keys)")
+    p.add_argument("--out", required=True, help="output directory")
+    args = p.parse_args(argv)
+    setup_logging(args.log)
+    ckpt = Path(args.checkpoint)
+    if args.model_config:
+        model_keys = _read_json(Path(args.model_config))
+    else:
+        model_keys = load_config(args.config, args.overrides)["model"]
+    if model_keys.get("vocab_size") is None:
+        model_keys = {**model_keys, "vocab_size": _checkpoint_vocab(ckpt)}
+    try:
+        cfg = ModelConfig.from_dict(model_keys)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{args.model_config or 'model.*'}: invalid model configuration ({e})") from e
+    params = load_params(ckpt, param_shapes(cfg))
+    written = export_hf(params, cfg, args.out, args.tokenizer)
+    log.info("exported %s -> %s (%s)", ckpt, args.out, ", ".join(written))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """argv[0] is the command name (import-hf or export-hf), as trainer.cli passes it."""
+    if not argv or argv[0] not in ("import-hf", "export-hf"):
+        raise SystemExit("usage: python -m trainer {import-hf|export-hf} ...")
+    return _import_main(argv[1:]) if argv[0] == "import-hf" else _export_main(argv[1:])
