@@ -1,6 +1,7 @@
 # Shared helpers for the rules: dataset lookup, trainer config layers, overrides.
 import sys
 
+from snakemake_executor_plugin_tpu.slices import placement
 from trainer.workflow_config import check_workflow_config, stage_configs
 
 PY = sys.executable  # the interpreter running Snakemake runs every trainer command
@@ -24,3 +25,8 @@ def config_args(stage):
         sets = " ".join(f"--set '{o}'" for o in config["overrides"].get(stage, []))
         return f"{files} {sets}".strip()
     return args
+
+
+def where(rule_name, slice_id=None):
+    """Rule message naming where the job runs (shown by `snakemake -n`)."""
+    return f"{rule_name} {{wildcards.ds}}: " + placement(config.get("slices", {}), slice_id)

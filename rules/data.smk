@@ -10,6 +10,8 @@ def prepare_args(w):
 
 
 rule prepare_data:
+    message:
+        where("prepare_data")
     output:
         expand("data/{{ds}}/{name}", name=DATA_FILES),
     params:

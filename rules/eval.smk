@@ -10,6 +10,8 @@ for _which, (_ckpt, _tok, _out) in EVAL_SOURCES.items():
     rule:
         name:
             "evaluate" if _which == "rl" else "evaluate_sft"
+        message:
+            where("evaluate" if _which == "rl" else "evaluate_sft", "eval")
         input:
             data=rules.prepare_data.output,
             ckpt=_ckpt,
@@ -35,6 +37,8 @@ for _which, (_ckpt, _tok, _out) in EVAL_SOURCES.items():
     rule:
         name:
             "crosscheck" if _which == "rl" else "crosscheck_sft"
+        message:
+            where("crosscheck" if _which == "rl" else "crosscheck_sft")
         input:
             predictions=_out + "/eval_predictions.json",
             summary=_out + "/run_summary.json",

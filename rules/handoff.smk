@@ -7,6 +7,8 @@ def emulator_flag(w=None):
 
 
 rule gcs_copy:
+    message:
+        where("gcs_copy")
     input:
         expand("runs/{{ds}}/rl/{name}", name=RL_FILES),
     output:
@@ -24,6 +26,8 @@ rule gcs_copy:
 
 
 rule eval_copy:
+    message:
+        where("eval_copy")
     input:
         "handoff/{ds}/gcs_copy.json",
     output:

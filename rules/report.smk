@@ -1,4 +1,6 @@
 rule metrics:
+    message:
+        where("metrics")
     input:
         rl_eval="results/{ds}/run_summary.json",
         sft_eval="results/{ds}/sft/run_summary.json",

@@ -3,6 +3,8 @@ RL_FILES = ["sft_state_rl_last.msgpack", "run_summary.json", "tokenizer.json", "
 
 
 rule rl_train:
+    message:
+        where("rl_train", "train")
     input:
         data=rules.prepare_data.output,
         sft=rules.sft.output,

@@ -10,6 +10,8 @@ def sft_command(w):
 
 
 rule sft:
+    message:
+        where("sft", "train")
     input:
         data=rules.prepare_data.output,
         configs=stage_files("sft"),
