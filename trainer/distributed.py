@@ -78,6 +78,33 @@ def broadcast_object(obj=None):
     return pickle.loads(np.asarray(buf).tobytes())
 
 
+class _Failure:
+    def __init__(self, message: str):
+        self.message = message
+
+
+def on_main(fn, *args, **kwargs):
+    """Run `fn` on process 0 only (it reads the files) and hand its result to every process.
+
+    If it fails, the other processes raise too instead of waiting forever in the next collective.
+    """
+    from trainer.errors import UserError
+
+    if jax.process_count() == 1:
+        return fn(*args, **kwargs)
+    if is_main():
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as e:
+            broadcast_object(_Failure(f"{type(e).__name__}: {e}"))
+            raise
+        return broadcast_object(result)
+    result = broadcast_object(None)
+    if isinstance(result, _Failure):
+        raise UserError(f"process 0 failed: {result.message}")
+    return result
+
+
 def sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -120,6 +120,28 @@ def evaluate_examples(model, tok, catalog, examples, num_beams: int, batch_size:
 
 # ----------------------------------------------------------------------------- CLI
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def verify_eval_copy(receipt: str | Path, checkpoint: str | Path, tokenizer_dir: str | Path) -> None:
+    """The local eval copy must be byte-identical to what the GCS receipt records.
+
+    Snakemake only compares timestamps: a corrupted or edited eval copy is newer than its inputs,
+    so it would simply be evaluated as if it were the trained checkpoint. Checked on process 0
+    before anything is loaded.
+    """
+    from trainer.errors import HandoffError
+    from trainer.handoff import load_receipt, verify_local
+
+    listed = {e["name"] for e in load_receipt(receipt)["files"]}
+    paths = [Path(checkpoint)] + [Path(tokenizer_dir) / n for n in _TOKENIZER_FILES if n in listed]
+    for path in paths:
+        try:
+            verify_local(receipt, path.name, path)
+        except HandoffError as e:
+            raise HandoffError(f"eval copy rejected: {e} (in the workflow: delete {path} and rerun snakemake; "
+                               "the eval_copy step downloads it again)") from None
+
 
 def _load_inputs(args) -> dict:
     """Process 0: read config, data, tokenizer and checkpoint; everything followers need."""
@@ -134,6 +156,8 @@ def _load_inputs(args) -> dict:
     tok_dir = args.tokenizer or cfg["tokenizer"]["path"]
     if not tok_dir:
         raise ConfigError("no tokenizer: pass --tokenizer DIR (the checkpoint's tokenizer files) or set tokenizer.path")
+    if args.receipt:
+        verify_eval_copy(args.receipt, args.checkpoint, tok_dir)
     catalog = dt.load_catalog(data_dir)
     examples = dt.read_split(data_dir, ev["split"], catalog, cfg["data"]["max_history"])
     if ev["max_samples"] is not None:
@@ -229,6 +253,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--checkpoint", required=True, help="msgpack params to evaluate")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: tokenizer.path)")
     p.add_argument("--out", required=True, help="output directory for eval_predictions.json and run_summary.json")
+    p.add_argument("--receipt", default=None,
+                   help="GCS handoff receipt (gcs_copy.json): refuse a checkpoint/tokenizer whose checksums differ")
     args = p.parse_args(argv[1:])
     distributed.start(argv)
     if distributed.is_main():

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from trainer.config import ConfigError
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -20,7 +22,7 @@ def make_mesh(mesh_cfg: dict) -> Mesh:
     if data == -1:
         data = len(devices) // fsdp
     if data * fsdp != len(devices):
-        raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} != {len(devices)} devices")
+        raise ConfigError(f"mesh.data={data} x mesh.fsdp={fsdp} != {len(devices)} devices")
     return Mesh(np.array(devices).reshape(data, fsdp), BATCH_AXES)
 
 
@@ -37,6 +39,15 @@ def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
 def param_shardings(tree, mesh: Mesh):
     fsdp = mesh.shape["fsdp"]
     return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
+
+
+def init_opt_state(tx, params, mesh: Mesh):
+    """Optimizer state laid out like the params it mirrors (scalars replicated), as global arrays:
+    an unconstrained init would leave step counters on one local device of each process."""
+    abstract = jax.eval_shape(tx.init, params)
+    fsdp = mesh.shape["fsdp"]
+    shardings = jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, fsdp)), abstract)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -72,4 +83,4 @@ def to_host(x) -> np.ndarray:
 def check_divisible(global_batch_size: int, mesh: Mesh, key: str) -> None:
     n = mesh.size
     if global_batch_size % n:
-        raise ValueError(f"{key}={global_batch_size} must be a multiple of the {n} devices in the mesh")
+        raise ConfigError(f"{key}={global_batch_size} must be a multiple of the {n} devices in the mesh")

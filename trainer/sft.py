@@ -8,6 +8,7 @@ file; other processes receive token arrays by broadcast. A rerun resumes from th
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -21,6 +22,10 @@ from tqdm import tqdm
 from trainer import checkpoint, distributed, parallel, train_state
 from trainer.batching import left_pad, prompt_plus_response, response_ids
 from trainer.cli import base_parser
+from trainer.decode import check_num_beams
+from trainer.evaluate import build_records, predict_sid_rows
+from trainer.metrics import TOPK, compute_metrics
+from trainer.trie import build_trie
 from trainer.config import ConfigError, load_config
 from trainer.io_utils import atomic_write_json, md5_file, setup_logging
 from trainer.losses import response_logprobs
@@ -30,6 +35,17 @@ from trainer.runlog import RunLog
 
 log = logging.getLogger("trainer")
 N_RESP = 5  # a, b, c, newline, eos
+
+
+def parse_best_metric(name: str) -> tuple[str, int | None]:
+    """`valid/loss` -> ("loss", None); `valid/hr@10` -> ("hr", 10). ConfigError names the key."""
+    if name == "valid/loss":
+        return "loss", None
+    m = re.fullmatch(r"valid/(hr|ndcg)@(\d+)", str(name))
+    if not m or int(m.group(2)) not in TOPK:
+        raise ConfigError(f"sft.best_metric: '{name}' is not supported; use valid/loss, valid/hr@K or valid/ndcg@K "
+                          f"with K in {list(TOPK)}")
+    return m.group(1), int(m.group(2))
 
 
 def build_tokenizer(cfg: dict, catalog, texts: list[str]):
@@ -43,12 +59,14 @@ def build_tokenizer(cfg: dict, catalog, texts: list[str]):
 
 
 def encode_task(tok, prompts: list[str], sid_index: np.ndarray, sid_table, max_prompt_len: int, n_resp: int):
+    """(ids, mask, prompt token lists): left-padded prompt + response, and the bare prompts."""
     from trainer import tokenizer as tk
 
-    prompt_ids, prompt_mask = left_pad([tk.encode_prompt(tok, p, max_prompt_len) for p in prompts], tok.pad_token_id)
+    encoded = [tk.encode_prompt(tok, p, max_prompt_len) for p in prompts]
+    prompt_ids, prompt_mask = left_pad(encoded, tok.pad_token_id)
     eos = tok.eos_token_id if n_resp == 5 else None
     resp = response_ids(sid_table, sid_index, tk.newline_id(tok), eos)
-    return prompt_plus_response(prompt_ids, prompt_mask, resp)
+    return (*prompt_plus_response(prompt_ids, prompt_mask, resp), encoded)
 
 
 def prepare_data(cfg: dict, data_dir: str) -> dict:
@@ -68,13 +86,19 @@ def prepare_data(cfg: dict, data_dir: str) -> dict:
     tok = build_tokenizer(cfg, catalog, seq_prompts)
     table = tk.sid_token_table(tok, catalog.sids)
     mpl = cfg["data"]["max_prompt_len"]
-    train_ids, train_mask = encode_task(tok, seq_prompts, np.array(seq_targets), table, mpl, N_RESP)
+    train_ids, train_mask, _ = encode_task(tok, seq_prompts, np.array(seq_targets), table, mpl, N_RESP)
     n_valid = min(len(valid), cfg["sft"]["eval_samples"])
-    valid_ids, valid_mask = encode_task(
-        tok, [prompts.sequential_prompt(e.history_sids) for e in valid[:n_valid]],
-        np.array([sid_pos[e.target_sid] for e in valid[:n_valid]]), table, mpl, N_RESP)
+    if n_valid == 0:
+        raise ConfigError(f"{data_dir}: valid.csv has no rows (or sft.eval_samples=0); SFT selects its best "
+                          "checkpoint on the valid split, so add rows or raise sft.eval_samples")
+    valid_targets = np.array([sid_pos[e.target_sid] for e in valid[:n_valid]])
+    valid_ids, valid_mask, valid_prompts = encode_task(
+        tok, [prompts.sequential_prompt(e.history_sids) for e in valid[:n_valid]], valid_targets, table, mpl, N_RESP)
     return {"tokenizer": tok, "vocab_size": len(tok), "train_ids": train_ids, "train_mask": train_mask,
-            "valid_ids": valid_ids, "valid_mask": valid_mask, "num_sids": len(catalog.sids)}
+            "valid_ids": valid_ids, "valid_mask": valid_mask, "num_sids": len(catalog.sids),
+            # what process 0 needs to decode the valid prompts (sft.best_metric valid/hr@K, valid/ndcg@K)
+            "valid_prompts": valid_prompts, "valid_targets": valid_targets, "sids": catalog.sids,
+            "sid_table": table, "pad_id": tok.pad_token_id, "newline_id": tk.newline_id(tok)}
 
 
 def make_steps(graphdef, tx):
@@ -99,38 +123,51 @@ def make_steps(graphdef, tx):
 def run(cfg: dict, data_dir: str) -> dict | None:
     out = Path(cfg["output_dir"])
     main_proc = distributed.is_main()
-    prepared = prepare_data(cfg, data_dir) if main_proc else None
-    tok = prepared.pop("tokenizer") if main_proc else None  # stays on process 0, which writes it
-    bundle = distributed.broadcast_object(prepared)
+    sft = cfg["sft"]
+    for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_samples"):
+        if not isinstance(sft[key], int) or sft[key] < 1:
+            raise ConfigError(f"sft.{key}={sft[key]!r}: must be an integer >= 1")
+    _, beams = parse_best_metric(sft["best_metric"])  # fail before any work on a typo
+    kept = {}
+
+    def prepare():
+        prepared = prepare_data(cfg, data_dir)
+        kept["tokenizer"] = prepared.pop("tokenizer")  # stays on process 0, which writes it
+        return prepared
+
+    bundle = distributed.on_main(prepare)
+    tok = kept.get("tokenizer")
     mcfg = ModelConfig.from_dict(cfg["model"], vocab_size=bundle["vocab_size"])
     model = build_model(mcfg, cfg["seed"])
     init_ckpt = cfg["init"]["checkpoint"]
     if init_ckpt:
-        params0 = distributed.broadcast_object(
-            checkpoint.load_params(init_ckpt, nnx.state(model, nnx.Param).to_pure_dict()) if main_proc else None)
+        params0 = distributed.on_main(checkpoint.load_params, init_ckpt, nnx.state(model, nnx.Param).to_pure_dict())
         state = nnx.state(model, nnx.Param)
         state.replace_by_pure_dict(params0)
         nnx.update(model, state)
     graphdef, state = nnx.split(model)
     params = state.to_pure_dict()  # plain nested dicts: serialisable with the optimizer state
 
-    sft = cfg["sft"]
     steps, bs = int(sft["steps"]), int(sft["batch_size"])
     n_train = len(bundle["train_ids"])
     if bs > n_train:
-        raise ConfigError(f"sft.batch_size={bs} exceeds the {n_train} training sequences; lower it")
+        raise ConfigError(f"sft.batch_size={bs} exceeds the {n_train} training sequences of {data_dir} "
+                          f"(train.csv rows plus alignment pairs); lower sft.batch_size to at most {n_train}")
+    trie = None
+    if beams is not None:  # valid/hr@K or valid/ndcg@K: K-beam constrained decoding of the valid prompts
+        trie = build_trie(bundle["sid_table"])
+        check_num_beams(trie, beams, key="sft.best_metric")
     mesh = parallel.make_mesh(cfg["mesh"])
     parallel.check_divisible(bs, mesh, "sft.batch_size")
     tx, schedule, opt_desc = build_optimizer(cfg["train"]["optimizer"], steps)
     params = parallel.place(jax.device_get(params), parallel.param_shardings(params, mesh))
-    opt_state = jax.jit(tx.init)(params)  # committed arrays: the step keeps one compiled layout
+    opt_state = parallel.init_opt_state(tx, params, mesh)
     train_step, eval_loss = make_steps(graphdef, tx)
 
     state_path = train_state.state_path(out, cfg)
     start, best, best_step = 0, None, None
-    restored = distributed.broadcast_object(
-        train_state.load(state_path, params, opt_state, ("best", "best_step"))
-        if main_proc and state_path.exists() else None)
+    restored = distributed.on_main(
+        lambda: train_state.load(state_path, params, opt_state, ("best", "best_step")) if state_path.exists() else None)
     if restored is not None:
         params, opt_state, start, extra = train_state.restore(restored, params, opt_state)
         if extra["best_step"] >= 0:
@@ -152,12 +189,20 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         if done % sft["eval_every"] == 0 or done == steps:
             metrics = {"train/loss": float(m["loss"]), "train/grad_norm": float(m["grad_norm"]),
                        "lr": float(schedule(step)), "valid/loss": _mean_eval_loss(eval_loss, params, valid, mesh)}
+            host_params = None
+            if beams is not None:
+                # Every process joins the gather; process 0 alone decodes and sends the numbers to all,
+                # so every process takes the same best/not-best branch below.
+                host_params = jax.tree.map(parallel.to_host, params)
+                metrics.update(distributed.on_main(
+                    _valid_ranking, graphdef, host_params, bundle, trie, beams, int(cfg["eval"]["batch_size"])))
             value = metrics[sft["best_metric"]] if sft["best_metric"] in metrics else None
             if value is None:
                 raise ConfigError(f"sft.best_metric: '{sft['best_metric']}' not computed; valid: {sorted(metrics)}")
             if best is None or (value > best if higher_is_better else value < best):
                 best, best_step = value, done
-                host_params = jax.tree.map(parallel.to_host, params)
+                if host_params is None:
+                    host_params = jax.tree.map(parallel.to_host, params)
                 if main_proc:
                     checkpoint.save_params(best_path, host_params)
             runlog.log(done, metrics)
@@ -189,6 +234,17 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     return summary
 
 
+def _valid_ranking(graphdef, host_params, bundle: dict, trie, beams: int, batch_size: int) -> dict:
+    """valid/hr@K and valid/ndcg@K of K-beam constrained decoding, on a model local to this process."""
+    model = nnx.merge(graphdef, jax.device_put(host_params, jax.local_devices()[0]))
+    rows, _ = predict_sid_rows(model, bundle["valid_prompts"], bundle["pad_id"], trie, beams,
+                               bundle["newline_id"], batch_size)
+    sids = bundle["sids"]
+    records = build_records([""] * len(rows), [sids[i] for i in bundle["valid_targets"]], rows, sids)
+    m = compute_metrics(records, set(sids))
+    return {f"valid/hr@{beams}": m[f"eval/hr@{beams}"], f"valid/ndcg@{beams}": m[f"eval/ndcg@{beams}"]}
+
+
 def _mean_eval_loss(eval_loss, params, valid: dict, mesh) -> float:
     n = len(valid["input_ids"]) // mesh.size * mesh.size
     if n == 0:
@@ -202,6 +258,6 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv[1:])
     setup_logging(args.log)
     distributed.start(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = distributed.on_main(load_config, args.config, args.overrides)  # followers have no files
     run(cfg, args.data or cfg["data"]["dir"])
     return 0

@@ -54,7 +54,10 @@ def save(path: str | Path, host_state: dict) -> None:
 
 
 def load(path: str | Path, params, opt_state, extra_keys: tuple[str, ...] = ()) -> dict:
-    template = to_host(params, opt_state, 0, {k: 0.0 for k in extra_keys})
+    """Process 0 only: the template is built from shapes, so no collective is involved."""
+    zeros = lambda tree: jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree)
+    template = {"params": zeros(params), "opt_state": zeros(opt_state), "step": np.int64(0),
+                "extra": {k: np.float64(0) for k in extra_keys}}
     return checkpoint.load_train_state(path, template)
 
 

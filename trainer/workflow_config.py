@@ -29,5 +29,5 @@ def check_workflow_config(config: dict) -> None:
             try:
                 load_config(files, overrides.get(stage, []))
             except ConfigError as e:
-                raise ConfigError(f"config: datasets.{ds} stage {stage} ({', '.join(files)}; "
-                                  f"overrides.{stage}): {e}") from None
+                raise ConfigError(f"config: datasets.{ds}.trainer={spec['trainer']} stage {stage} "
+                                  f"({', '.join(files)}; overrides.{stage}): {e}") from None

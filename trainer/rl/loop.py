@@ -25,11 +25,10 @@ from trainer import checkpoint, distributed, parallel, train_state
 from trainer.batching import left_pad
 from trainer.cli import base_parser
 from trainer.config import ConfigError, load_config
-from trainer.errors import UserError
 from trainer.io_utils import atomic_write_bytes, atomic_write_json, md5_file, setup_logging
 from trainer.model import ModelConfig, build_model
 from trainer.optim import build_optimizer
-from trainer.rl import advantage, reward, rollout, update
+from trainer.rl import advantage, reward, rollout, update, validate
 from trainer.runlog import RunLog
 from trainer.trie import build_trie
 
@@ -67,7 +66,7 @@ def prepare_inputs(cfg: dict, data_dir: str) -> dict:
         "targets": np.array([sid_pos[e.target_sid] for e in examples], np.int32),
         "sid_table": tk.sid_token_table(tok, catalog.sids), "newline_id": tk.newline_id(tok),
         "init_md5": md5_file(cfg["init"]["checkpoint"]), "tokenizer_dir": str(tok_dir),
-        "num_sids": len(catalog.sids),
+        "num_sids": len(catalog.sids), "valid": validate.prepare(cfg, data_dir, catalog, tok),
     }
 
 
@@ -105,13 +104,7 @@ def make_step_fns(graphdef, tx, cfg: dict, mesh, state_shardings):
 def run(cfg: dict, data_dir: str) -> dict | None:
     out = Path(cfg["output_dir"])
     main_proc = distributed.is_main()
-    try:
-        payload = distributed.broadcast_object(prepare_inputs(cfg, data_dir) if main_proc else None)
-    except UserError as e:
-        distributed.broadcast_object({"error": str(e)})  # followers must stop too, not hang
-        raise
-    if "error" in payload:
-        raise UserError(f"process 0 failed: {payload['error']}")
+    payload = distributed.on_main(prepare_inputs, cfg, data_dir)
 
     steps, b, g = int(cfg["steps"]), int(cfg["rollout"]["batch_size"]), int(cfg["rollout"]["n"])
     n_prompts = len(payload["prompt_ids"])
@@ -123,7 +116,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     params = parallel.place(payload["params"], shardings)
     ref_params = parallel.place(payload["params"], shardings)  # frozen reference: the SFT best
     tx, schedule, opt_desc = build_optimizer(cfg["train"]["optimizer"], steps * int(cfg["rl"]["updates_per_rollout"]))
-    opt_state = jax.jit(tx.init)(params)  # committed arrays: the step keeps one compiled layout
+    opt_state = parallel.init_opt_state(tx, params, mesh)
     rep = parallel.replicated(mesh)
     trie = jax.tree.map(lambda x: parallel.place(x, rep), build_trie(payload["sid_table"]))
     sid_table = parallel.place(payload["sid_table"], rep)
@@ -133,15 +126,16 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     prompt_sharding = _sharding_for(b, mesh)
 
     state_path = train_state.state_path(out, cfg)
-    restored = distributed.broadcast_object(
-        train_state.load(state_path, params, opt_state) if main_proc and state_path.exists() else None)
+    restored = distributed.on_main(
+        lambda: train_state.load(state_path, params, opt_state) if state_path.exists() else None)
     start = 0
     if restored is not None:
         params, opt_state, start, _ = train_state.restore(restored, params, opt_state)
         log.info("resuming RL from step %d (%s)", start, state_path)
 
     runlog = RunLog(out, cfg, main_proc, "rl", resume_step=start, state_dir=state_path.parent)
-    timings = {"rollout": 0.0, "reward": 0.0, "advantage": 0.0, "update": 0.0}
+    timings = {"rollout": 0.0, "reward": 0.0, "advantage": 0.0, "update": 0.0, "eval": 0.0}
+    eval_every, valid_metrics = int(cfg["eval_every_steps"]), {}
     t_start = time.time()
     base_key = jax.random.key(int(cfg["seed"]))
     for step in tqdm(range(start, steps), desc="rl", disable=not main_proc, initial=start, total=steps):
@@ -177,6 +171,12 @@ def run(cfg: dict, data_dir: str) -> dict | None:
                    "kl": float(m["kl"]), "loss": float(m["loss"]), "pg_loss": float(m["pg_loss"]),
                    "clip_frac": float(m["clip_frac"]), "grad_norm": float(m["grad_norm"]),
                    "lr": float(schedule(step * int(cfg["rl"]["updates_per_rollout"])))}
+        if eval_every > 0 and (done % eval_every == 0 or done == steps):
+            t = time.time()  # every process runs it: it gathers params and predictions
+            valid_metrics = validate.evaluate(graphdef, params, payload["valid"], payload["sid_table"], newline_id,
+                                              cfg["eval"])
+            timings["eval"] += time.time() - t
+            metrics.update(valid_metrics)
         runlog.log(done, metrics)
         if done % max(1, steps // 20) == 0 or done == steps:
             log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -203,7 +203,8 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         "phase_seconds": timings, "process_count": jax.process_count(), "device_count": jax.device_count(),
         "backend": jax.default_backend(), "init_checkpoint": cfg["init"]["checkpoint"],
         "init_checkpoint_md5": payload["init_md5"], "optimizer": opt_desc, "num_sids": payload["num_sids"],
-        "train_prompts": n_prompts, "curves": runlog.history(), "checkpoint_md5": md5_file(out / CHECKPOINT_FILE),
+        "train_prompts": n_prompts, "valid": valid_metrics, "curves": runlog.history(),
+        "checkpoint_md5": md5_file(out / CHECKPOINT_FILE),
         "config": cfg,
     }
     atomic_write_json(out / "run_summary.json", summary)
@@ -219,6 +220,6 @@ def main(argv: list[str]) -> int:
     distributed.start(argv)
     if distributed.is_main():
         setup_logging(args.log)
-    cfg = load_config(args.config, args.overrides)
+    cfg = distributed.on_main(load_config, args.config, args.overrides)  # followers have no files
     run(cfg, args.data or cfg["data"]["dir"])
     return 0
