@@ -1,5 +1,10 @@
 # Shared helpers for the rules: dataset lookup, trainer config layers, overrides.
+# Paths of artifacts are always taken from {input}/{output} (never spelled out in a command): with a
+# default storage provider (profiles/tpu: GCS) they live under .snakemake/storage/..., not data/ or runs/.
+import hashlib
+import os
 import sys
+from pathlib import Path
 
 from snakemake_executor_plugin_tpu.slices import placement
 from trainer.workflow_config import check_workflow_config, stage_configs
@@ -12,9 +17,32 @@ wildcard_constraints:
     ds="|".join(config["datasets"]),
 
 
+# With a default storage provider every input is an object there, but the trainer YAML layers are
+# files of the checkout, and local() inputs would pin their jobs to this machine (no shared fs).
+DEFAULT_STORAGE = workflow.storage_settings.default_storage_provider is not None
+
+
 def stage_files(stage):
-    """Input function: the trainer YAML layers of a stage (base.yaml + STAGE.yaml)."""
+    """Input function: the trainer YAML layers of a stage (base.yaml + STAGE.yaml); none with a default
+    storage provider, where stage_digest() alone reruns the stage when they change."""
+    if DEFAULT_STORAGE:
+        return lambda w: []
     return lambda w: stage_configs(config, w.ds, stage)
+
+
+def stage_digest(stage):
+    """Params function: digest of the stage's YAML layers (a changed param reruns the stage)."""
+    def digest(w):
+        h = hashlib.sha256()
+        for f in stage_configs(config, w.ds, stage):
+            h.update(Path(f).read_bytes())
+        return h.hexdigest()[:16]
+    return digest
+
+
+def parent(path):
+    """Directory of an input/output file (where it really is, default storage included)."""
+    return os.path.dirname(str(path)) or "."
 
 
 def config_args(stage):

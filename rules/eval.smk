@@ -1,5 +1,8 @@
 # The RL checkpoint is evaluated from the local eval copy; the SFT best from its run directory,
-# the same way, so metrics.json can report RL against SFT.
+# the same way, so metrics.json can report RL against SFT. The eval copy is first checked against
+# the GCS receipt: Snakemake compares only timestamps, so a corrupted copy would otherwise look
+# "newer" and simply be evaluated.
+EVAL_RECEIPT = {"rl": "handoff/{ds}/gcs_copy.json", "sft": []}
 EVAL_SOURCES = {
     "rl": ("workdir/checkpoints/{ds}/sft_state_rl_last.msgpack", "workdir/checkpoints/{ds}", "results/{ds}"),
     "sft": ("runs/{ds}/sft/sft_best.msgpack", "runs/{ds}/sft", "results/{ds}/sft"),
@@ -17,13 +20,17 @@ for _which, (_ckpt, _tok, _out) in EVAL_SOURCES.items():
             ckpt=_ckpt,
             tok=_tok + "/tokenizer.json",
             configs=stage_files("eval"),
+            receipt=EVAL_RECEIPT[_which],
         output:
             predictions=_out + "/eval_predictions.json",
             summary=_out + "/run_summary.json",
         params:
             args=config_args("eval"),
-            tok=_tok,
-            out=_out,
+            layers=stage_digest("eval"),
+            data=lambda w, input: parent(input.data[0]),
+            tok=lambda w, input: parent(input.tok),
+            out=lambda w, output: parent(output.summary),
+            receipt=lambda w, input: f"--receipt {input.receipt}" if input.receipt else "",
         resources:
             tpu="eval",
         log:
@@ -31,8 +38,8 @@ for _which, (_ckpt, _tok, _out) in EVAL_SOURCES.items():
         benchmark:
             f"benchmarks/evaluate_{_which}/{{ds}}.tsv"
         shell:
-            "{PY} -m trainer eval {params.args} --data data/{wildcards.ds} --checkpoint {input.ckpt}"
-            " --tokenizer {params.tok} --out {params.out} > {log} 2>&1"
+            "{PY} -m trainer eval {params.args} --data {params.data} --checkpoint {input.ckpt}"
+            " --tokenizer {params.tok} --out {params.out} {params.receipt} > {log} 2>&1"
 
     rule:
         name:

@@ -35,10 +35,11 @@ rule eval_copy:
     params:
         flags=emulator_flag,
         names=" ".join(EVAL_COPY_FILES),
+        dest=lambda w, output: parent(output[0]),
     log:
         "logs/eval_copy/{ds}.log",
     benchmark:
         "benchmarks/eval_copy/{ds}.tsv"
     shell:
         "{PY} -m trainer handoff-download --receipt {input} --name {params.names}"
-        " --dest workdir/checkpoints/{wildcards.ds} {params.flags} > {log} 2>&1"
+        " --dest {params.dest} {params.flags} > {log} 2>&1"

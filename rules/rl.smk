@@ -14,6 +14,10 @@ rule rl_train:
         "runs/{ds}/rl/metrics.jsonl",
     params:
         args=config_args("rl"),
+        layers=stage_digest("rl"),
+        data=lambda w, input: parent(input.data[0]),
+        out=lambda w, output: parent(output[0]),
+        sft=lambda w, input: parent(input.sft[0]),
     resources:
         tpu="train",
     log:
@@ -21,6 +25,6 @@ rule rl_train:
     benchmark:
         "benchmarks/rl_train/{ds}.tsv"
     shell:
-        "{PY} -m trainer rl {params.args} --data data/{wildcards.ds} --set output_dir=runs/{wildcards.ds}/rl"
-        " --set init.checkpoint=runs/{wildcards.ds}/sft/sft_best.msgpack --set tokenizer.path=runs/{wildcards.ds}/sft"
+        "{PY} -m trainer rl {params.args} --data {params.data} --set output_dir={params.out}"
+        " --set init.checkpoint={input.sft[0]} --set tokenizer.path={params.sft}"
         " > {log} 2>&1"

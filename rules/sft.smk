@@ -1,12 +1,13 @@
 SFT_FILES = ["sft_best.msgpack", "run_summary.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
 
 
-def sft_command(w):
+def sft_command(w, input, output):
     """Train an SFT best, or import the user's Hugging Face checkpoint (config sft_import.DS)."""
     hf = config.get("sft_import", {}).get(w.ds)
+    out = parent(output[0])
     if hf:
-        return f"{PY} -m trainer import-hf {hf} --out runs/{w.ds}/sft"
-    return f"{PY} -m trainer sft {config_args('sft')(w)} --data data/{w.ds} --set output_dir=runs/{w.ds}/sft"
+        return f"{PY} -m trainer import-hf {hf} --out {out}"
+    return f"{PY} -m trainer sft {config_args('sft')(w)} --data {parent(input.data[0])} --set output_dir={out}"
 
 
 rule sft:
@@ -19,6 +20,7 @@ rule sft:
         expand("runs/{{ds}}/sft/{name}", name=SFT_FILES),
     params:
         cmd=sft_command,
+        layers=stage_digest("sft"),
     resources:
         tpu="train",
     log:

@@ -210,7 +210,8 @@ def test_cancel_stops_every_worker(tmp_path):
     (wd / "pids").mkdir()
     proc = run_snakemake(wd, wait=False)
     deadline = time.monotonic() + 60
-    while len(list((wd / "pids").iterdir())) < 3 and time.monotonic() < deadline:
+    # `echo $$ > f` creates f before writing it: wait for three non-empty pid files
+    while len([p for p in (wd / "pids").iterdir() if p.read_text().strip()]) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)
     pids = {p.name: int(p.read_text()) for p in (wd / "pids").iterdir()}
     assert len(pids) == 3 and all(alive(p) for p in pids.values())

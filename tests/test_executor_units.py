@@ -191,7 +191,7 @@ def test_one_job_per_slice_the_rest_queue():
 
 
 # ------------------------------------------------------------------ profiles
-def _dry_run(tmp_path, profile):
+def _dry_run(tmp_path, profile, extra_env=None):
     import shutil
     import sys
     from pathlib import Path
@@ -207,7 +207,7 @@ def _dry_run(tmp_path, profile):
         'from snakemake_executor_plugin_tpu import placement\nconfigfile: "config/config.yaml"\n'
         'rule rl_train:\n    output: "rl.txt"\n    resources: tpu="train"\n'
         '    message: "rl_train " + placement(config["slices"], "train")\n    shell: "touch {output}"\n')
-    env = dict(os.environ, PYTHONPATH=str(repo))
+    env = dict(os.environ, PYTHONPATH=str(repo), **(extra_env or {}))
     return subprocess.run([sys.executable, "-m", "snakemake", "--profile", f"profiles/{profile}", "-n"], cwd=wd,
                           env=env, capture_output=True, text=True, timeout=120)
 
@@ -218,8 +218,9 @@ def test_default_profile_dry_run_shows_placement(tmp_path):
     assert "rl_train runs on slice 'train': v6e-16 (simulated), 4 hosts, local processes" in r.stdout + r.stderr
 
 
-def test_tpu_profile_overlays_tpu_vm_slices(tmp_path):
-    r = _dry_run(tmp_path, "tpu")
+def test_tpu_profile_overlays_tpu_vm_slices(tmp_path, gcs_emulator):
+    # a dry run asks the default storage which outputs exist: the local emulator stands in for GCS
+    r = _dry_run(tmp_path, "tpu", gcs_emulator.env)
     out = r.stdout + r.stderr
     # every profile key is a valid option; what is missing here is only the GCS storage plugin
     if r.returncode != 0:

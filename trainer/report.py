@@ -110,12 +110,12 @@ def plot(curves: list[dict], metrics: dict, out_dir: Path) -> list[Path]:
 
     steps = [c["step"] for c in curves]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, key in zip(axes, ("reward_mean", "kl", "loss")):
+    for ax, key in zip(axes, ("reward_mean", "accuracy", "kl")):
         ax.plot(steps, [c.get(key) for c in curves], marker=".")
         ax.set_title(key)
         ax.set_xlabel("RL step")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"RL training ({metrics['dataset']})")
+    fig.suptitle(f"RL training ({metrics['dataset']}); accuracy = share of prompts whose group holds the target", y=1.04)
     paths = [save(fig, "rl_curves.png")]
 
     ks = sorted({int(k.split("@")[1]) for k in metrics if k.startswith("hr@")})
