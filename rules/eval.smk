@@ -18,7 +18,8 @@ for _which, (_ckpt, _tok, _out) in EVAL_SOURCES.items():
         input:
             data=rules.prepare_data.output,
             ckpt=_ckpt,
-            tok=_tok + "/tokenizer.json",
+            # every tokenizer file: with a default storage provider only declared inputs reach the job
+            tok=[f"{_tok}/{name}" for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")],
             configs=stage_files("eval"),
             receipt=EVAL_RECEIPT[_which],
         output:
@@ -28,7 +29,7 @@ for _which, (_ckpt, _tok, _out) in EVAL_SOURCES.items():
             args=config_args("eval"),
             layers=stage_digest("eval"),
             data=lambda w, input: parent(input.data[0]),
-            tok=lambda w, input: parent(input.tok),
+            tok=lambda w, input: parent(input.tok[0]),
             out=lambda w, output: parent(output.summary),
             receipt=lambda w, input: f"--receipt {input.receipt}" if input.receipt else "",
         resources:

@@ -97,3 +97,18 @@ def test_yaml_bad_files(tmp_path):
     bad.write_text("model: 3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: 'model' must be a mapping, got 3"):
         load_config(bad)
+
+
+def test_values_must_have_the_defaults_type(tmp_path):
+    with pytest.raises(ConfigError, match=r"'steps' must be int .* got 'abc'"):
+        load_config(None, ["steps=abc"])
+    with pytest.raises(ConfigError, match=r"'rl.kl_coef' must be float"):
+        load_config(None, ["rl.kl_coef=true"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft: {steps: 1.5}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: 'sft.steps' must be int"):
+        load_config(bad)
+    cfg = load_config(None, ["train.optimizer.lr_schedule.peak_value=1", "train.optimizer.clip_norm=null",
+                             "wandb.enabled=false"])
+    assert cfg["train"]["optimizer"]["lr_schedule"]["peak_value"] == 1.0
+    assert cfg["train"]["optimizer"]["clip_norm"] is None and cfg["wandb"]["enabled"] is False

@@ -119,6 +119,22 @@ def _unknown_key_error(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown config key '{key}'{hint}")
 
 
+# Keys whose default's type is not the only one accepted.
+_ALSO_ACCEPTS = {"wandb.enabled": (bool,)}
+
+
+def _check_type(path: str, default, value, source: str):
+    """A value must have its default's type (ints pass for floats); null is always accepted."""
+    if default is None or value is None or isinstance(value, _ALSO_ACCEPTS.get(path, ())):
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not type(default):
+        raise ConfigError(f"{source}: '{path}' must be {type(default).__name__} (like the default "
+                          f"{default!r}), got {value!r}")
+    return value
+
+
 def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
     for k, v in update.items():
         path = f"{prefix}{k}"
@@ -129,7 +145,14 @@ def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
                 raise ConfigError(f"{source}: '{path}' must be a mapping, got {v!r}")
             _merge(base[k], v, source, path + ".")
         else:
-            base[k] = v
+            base[k] = _check_type(path, _default_at(path), v, source)
+
+
+def _default_at(path: str):
+    node = DEFAULTS
+    for part in path.split("."):
+        node = node[part]
+    return node
 
 
 class _Loader(yaml.SafeLoader):
@@ -166,7 +189,7 @@ def apply_override(cfg: dict, assignment: str) -> None:
         if i == len(parts) - 1:
             if isinstance(default_node[part], dict):
                 raise ConfigError(f"--set '{key}': is a section; set one of its keys")
-            node[part] = parse_value(text)
+            node[part] = _check_type(key.strip(), default_node[part], parse_value(text), "--set")
         else:
             node, default_node = node[part], default_node[part]
 
