@@ -1,0 +1,45 @@
+"""Data parallel and FSDP meshes compute the same training steps as one device."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from trainer.config import ConfigError
+from trainer.parallel import param_spec
+
+SCRIPT = Path(__file__).parent / "scripts" / "mesh_equivalence.py"
+
+
+def run_on_mesh(devices: int, data: int, fsdp: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, str(SCRIPT), str(data), str(fsdp)], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_fsdp_and_data_parallel_match_a_single_device():
+    single = run_on_mesh(1, 1, 1)
+    dp = run_on_mesh(4, 4, 1)
+    fsdp = run_on_mesh(4, 2, 2)
+    assert fsdp["emb_spec"] == "P('fsdp', None)"  # params really are sharded
+    for other in (dp, fsdp):
+        np.testing.assert_allclose(other["sums"], single["sums"], rtol=1e-4, atol=1e-5)  # reduction order only
+        assert other["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+def test_param_spec_shards_the_first_divisible_dimension():
+    assert param_spec((64, 32), 2) == param_spec((64, 33), 2)  # dim 0 divides
+    assert str(param_spec((63, 32), 2)) == "P(None, 'fsdp')"
+    assert str(param_spec((7,), 2)) == "P()"  # vectors stay replicated
+
+
+def test_mesh_must_cover_the_devices():
+    from trainer.parallel import make_mesh
+
+    with pytest.raises(ConfigError, match="mesh.data=3"):
+        make_mesh({"data": 3, "fsdp": 1})
