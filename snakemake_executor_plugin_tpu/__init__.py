@@ -101,13 +101,20 @@ class Executor(RemoteExecutor):
 
     def _git_state(self):
         if self._git is None:
-            from snakemake_executor_plugin_tpu.gitsync import check_clean, git_state
+            from snakemake_executor_plugin_tpu.gitsync import check_clean, git_state, paths_not_committed
 
             try:
                 state = git_state(".")
                 warning = check_clean(state, self.settings.allow_dirty)
             except SliceConfigError as e:
                 raise WorkflowError(str(e)) from None
+            # host 0's job reads the --configfile overlays from its checkout of the commit
+            missing = paths_not_committed(state, getattr(self.workflow, "overwrite_configfiles", None) or [])
+            if missing:
+                raise WorkflowError(
+                    f"tpu executor: config file(s) {', '.join(missing)} are not in commit {state.sha[:12]}; TPU VM "
+                    "hosts read --configfile files from their checkout of that commit, so add and commit them "
+                    "(inside the repository)")
             if warning:
                 self.logger.info(f"tpu executor: WARNING: {warning}")
             self._git = state

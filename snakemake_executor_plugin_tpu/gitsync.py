@@ -57,3 +57,16 @@ def make_bundle(state: GitState, dest_dir: str | os.PathLike) -> Path:
         _git(["bundle", "create", "-q", str(tmp), "HEAD"], state.toplevel)
         os.replace(tmp, dest)
     return dest
+
+
+def paths_not_committed(state: GitState, paths) -> list[str]:
+    """Of `paths` (files TPU VM hosts read from their checkout, e.g. --configfile overlays), those
+    missing from the commit the hosts are synced to (untracked, only staged, or outside the repo)."""
+    missing = []
+    for p in paths:
+        rel = os.path.relpath(os.path.realpath(p), os.path.realpath(state.toplevel))
+        found = not rel.startswith("..") and subprocess.run(
+            ["git", "cat-file", "-e", f"{state.sha}:{rel}"], cwd=state.toplevel, capture_output=True).returncode == 0
+        if not found:
+            missing.append(str(p))
+    return missing

@@ -11,6 +11,7 @@ fake-gcs-server binary, the test skips; under CI (env CI set) it fails instead, 
 silently missing there.
 """
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -117,3 +118,31 @@ def test_tpu_profile_runs_demo_metrics_offline(tmp_path, gcs_emulator, gcs_clien
         assert not (follower / "sidrl/.snakemake").exists()
         assert h.files_named(follower, CHECKPOINTS | {"train.csv"}) == []
     assert _exit_codes(evalvm / "worker0", "evaluate") == ["0"] and _exit_codes(evalvm / "worker0", "evaluate_sft") == ["0"]
+
+    # the bucket is the workflow's state: a second invocation finds everything up to date
+    again = subprocess.run(h.snakemake_argv(storage, TARGET, "--dry-run"), cwd=checkout,
+                           env=h.snakemake_env(fake_root, gcs_emulator.env, checkout),
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr, again.stdout + again.stderr
+
+
+def test_configfile_overlays_must_be_in_the_synced_commit(tmp_path):
+    """Host 0 reads --configfile overlays from its checkout: the executor refuses ones not committed."""
+    from snakemake_executor_plugin_tpu.gitsync import git_state, paths_not_committed
+
+    if shutil.which("git") is None:
+        pytest.skip("needs git")
+    repo = tmp_path / "repo"
+    (repo / "profiles").mkdir(parents=True)
+    (repo / "profiles/committed.yaml").write_text("a: 1\n")
+    h._git(repo, "init", "-q")
+    h._git(repo, "add", "-A")
+    h._git(repo, "commit", "-qm", "c")
+    (repo / "profiles/untracked.yaml").write_text("b: 1\n")
+    (repo / "staged.yaml").write_text("c: 1\n")
+    h._git(repo, "add", "staged.yaml")
+    (tmp_path / "outside.yaml").write_text("d: 1\n")
+    state = git_state(str(repo))
+    paths = [repo / "profiles/committed.yaml", repo / "profiles/untracked.yaml", repo / "staged.yaml",
+             tmp_path / "outside.yaml"]
+    assert paths_not_committed(state, paths) == [str(p) for p in paths[1:]]

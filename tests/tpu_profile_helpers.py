@@ -27,7 +27,7 @@ OVERLAY = "profiles/tpu/offline_test.yaml"  # inside the checkout: hosts read it
 
 # Small enough for a 2-core machine; every stage still runs (SFT and RL on 4 processes).
 OVERRIDES = ("overrides={"
-             "sft: [sft.steps=4, sft.batch_size=8, sft.eval_every=2, sft.checkpoint_every=2, sft.eval_samples=8],"
+             "sft: [sft.steps=4, sft.batch_size=8, sft.eval_every=4, sft.checkpoint_every=4, sft.eval_samples=8],"
              "rl: [steps=2, checkpoint_every_steps=2, rollout.batch_size=4, rollout.n=4],"
              "eval: [eval.max_samples=8, eval.num_beams=4, eval.batch_size=8]}")
 
@@ -88,7 +88,9 @@ def make_fake_tpu(root: Path, name: str, zone: str, hosts: int, accelerator: str
 
 def slices_overlay(handoff_uri: str, coordinator_port: int) -> str:
     """Config overlay on profiles/tpu/slices.yaml: only what differs on the fake TPU VMs."""
-    host_check = "python3 -c 'import jax, snakemake, snakemake_storage_plugin_gcs'"  # instead of pip install
+    # instead of `pip install -e .[tpu]` (offline): check the host's environment has what the jobs import
+    host_check = ("python3 -c 'import importlib.util as u, sys; "
+                  "sys.exit(any(u.find_spec(m) is None for m in (\"jax\", \"snakemake\", \"snakemake_storage_plugin_gcs\")))'")
     common = {"setup_command": host_check, "busy_cleanup": False, "poll_interval_s": 0.5, "timeout_s": 900}
     doc = {
         "slices": {
@@ -113,10 +115,10 @@ def snakemake_env(fake_root: Path, emulator_env: dict[str, str], checkout: Path)
     return env
 
 
-def snakemake_argv(storage_prefix: str, target: str) -> list[str]:
+def snakemake_argv(storage_prefix: str, target: str, *extra: str) -> list[str]:
     """The documented command (`snakemake --profile profiles/tpu TARGET`) with the test's overlay,
     bucket and a small run."""
-    return [sys.executable, "-m", "snakemake", "--profile", "profiles/tpu",
+    return [sys.executable, "-m", "snakemake", "--profile", "profiles/tpu", *extra,
             "--configfile", "profiles/tpu/slices.yaml", OVERLAY,
             "--default-storage-prefix", storage_prefix, "--storage-gcs-project", "emulator",
             "--config", OVERRIDES, "--", target]
