@@ -3,13 +3,20 @@
 #   snakemake -n results/office/metrics.json   (plan; shows where each job runs)
 # Stages: prepare_data -> sft (or import of an HF checkpoint) -> rl_train -> gcs_copy -> eval_copy
 #         -> evaluate (RL and SFT best) -> crosscheck -> metrics.   See README.md and DESIGN.md.
+import os
+
+import yaml
 from snakemake.utils import min_version, validate
+
+from trainer.workflow_config import coerce_cli_scalars
 
 min_version("9.0")
 
 configfile: "config/config.yaml"
 
 
+# --config nests arrive as strings ('{overwrite: true}' -> 'true'): typed by the schema first.
+coerce_cli_scalars(config, yaml.safe_load(open(os.path.join(workflow.basedir, "config/schema.yaml"))))
 validate(config, "config/schema.yaml")
 
 include: "rules/common.smk"

@@ -25,6 +25,10 @@ rule gcs_copy:
         "{PY} -m trainer handoff-upload --files {input} --uri {params.uri} --receipt {output} {params.flags} > {log} 2>&1"
 
 
+# A deleted eval copy is, like any Snakemake intermediate, not fetched again while everything after
+# it is up to date; `snakemake workdir/checkpoints/DS/sft_state_rl_last.msgpack` (or
+# `--forcerun eval_copy`) downloads it again without retraining. An edited or corrupted copy is
+# newer than the evaluation, so evaluate reruns and refuses it (it checks the copy against the receipt).
 rule eval_copy:
     message:
         where("eval_copy")

@@ -55,8 +55,9 @@ def test_corrupted_eval_copy_is_refused_then_recovered(demo_run, tmp_path):
         assert not finished_rules(output_of(proc))["metrics"]
 
         # Doing what the message says recovers without retraining or re-uploading.
+        assert "--forcerun eval_copy" in text
         copy.unlink()
-        again = snakemake(wd, "results/demo/metrics.json")
+        again = snakemake(wd, "results/demo/metrics.json", "--forcerun", "eval_copy")
         assert again.returncode == 0, describe(again, wd)
         assert finished_rules(output_of(again)) == Counter(["eval_copy", "evaluate", "crosscheck", "metrics"])
         assert hashlib.md5(copy.read_bytes()).hexdigest() == want["md5"]
@@ -201,3 +202,22 @@ def test_prepare_data_rule_downloads_when_data_root_is_absent(tmp_path):
     log = (wd / "logs/prepare_data/office.log").read_text()
     assert len(re.findall(r"downloaded file://\S+ -> \S+ \(sha256 [0-9a-f]{64} verified\)", log)) == len(pins)
     assert json.loads((wd / "data/office/index.json").read_text())
+
+
+def test_cli_config_strings_are_typed_by_the_schema():
+    """`--config handoff='{overwrite: true}'` reaches Snakemake as the string 'true' (BaseLoader)."""
+    from trainer.workflow_config import coerce_cli_scalars
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "config/schema.yaml").read_text())
+    cfg = {"handoff": {"uri": "gs://b/p", "overwrite": "true", "workers": "2", "emulator_root": "null"},
+           "datasets": {"demo": {"source": "synthetic", "trainer": "t", "synthetic": {"num_items": "130"}}},
+           "overrides": {"rl": ["steps=3"]}, "crosscheck": {"tolerance": "1e-5"},
+           "minionerec_download": {"commit": "1" * 40}}
+    out = coerce_cli_scalars(cfg, schema)
+    assert out["handoff"] == {"uri": "gs://b/p", "overwrite": True, "workers": 2, "emulator_root": "null"}
+    assert out["datasets"]["demo"]["synthetic"]["num_items"] == 130
+    assert out["overrides"]["rl"] == ["steps=3"] and out["minionerec_download"]["commit"] == "1" * 40
+    assert out["crosscheck"]["tolerance"] == 1e-5
+    # Values of the wrong type stay as they are, for validation to name them.
+    assert coerce_cli_scalars({"handoff": {"workers": "many", "overwrite": "1"}}, schema)["handoff"] == \
+        {"workers": "many", "overwrite": "1"}

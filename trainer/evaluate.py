@@ -139,8 +139,8 @@ def verify_eval_copy(receipt: str | Path, checkpoint: str | Path, tokenizer_dir:
         try:
             verify_local(receipt, path.name, path)
         except HandoffError as e:
-            raise HandoffError(f"eval copy rejected: {e} (in the workflow: delete {path} and rerun snakemake; "
-                               "the eval_copy step downloads it again)") from None
+            raise HandoffError(f"eval copy rejected: {e}. In the workflow: delete {path} and rerun snakemake with "
+                               "`--forcerun eval_copy` (downloads it again from GCS; nothing is retrained)") from None
 
 
 def _load_inputs(args) -> dict:

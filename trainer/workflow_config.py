@@ -17,6 +17,48 @@ def stage_configs(config: dict, ds: str, stage: str) -> list[str]:
     return [str(root / "base.yaml"), str(root / f"{stage}.yaml")]
 
 
+_YAML_TYPES = {"boolean": (bool,), "integer": (int,), "number": (int, float), "null": (type(None),)}
+
+
+def coerce_cli_scalars(config, schema: dict):
+    """Give strings from `snakemake --config` the type the schema asks for, in place.
+
+    Snakemake reads nested --config values with YAML's BaseLoader, so every scalar inside a
+    mapping arrives as a string: `--config handoff='{overwrite: true}'` gives 'true', which the
+    schema would reject. A string is converted (by YAML's usual rules) only where the schema does
+    not allow strings and the converted value has an allowed type; anything else is left for
+    validation to report.
+    """
+    if isinstance(config, dict):
+        props = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, value in config.items():
+            sub = props.get(key, extra if isinstance(extra, dict) else None)
+            if sub is not None:
+                config[key] = coerce_cli_scalars(value, sub)
+        return config
+    if isinstance(config, list) and isinstance(schema.get("items"), dict):
+        return [coerce_cli_scalars(v, schema["items"]) for v in config]
+    types = schema.get("type")
+    types = [types] if isinstance(types, str) else list(types or [])
+    if isinstance(config, str) and types and "string" not in types:
+        import yaml
+
+        try:
+            value = yaml.safe_load(config)
+        except yaml.YAMLError:
+            return config
+        if isinstance(value, str) and "number" in types:  # YAML 1.1 reads '1e-5' as a string
+            try:
+                value = float(value)
+            except ValueError:
+                return config
+        allowed = tuple(t for name in types for t in _YAML_TYPES.get(name, ()))
+        if isinstance(value, allowed) and not (isinstance(value, bool) and "boolean" not in types):
+            return value
+    return config
+
+
 def check_workflow_config(config: dict) -> None:
     """Every dataset's trainer config must load for every stage, overrides included."""
     overrides = config.get("overrides", {})
