@@ -1,6 +1,6 @@
 """Benchmark: the SFT train step (forward + backward + optimizer) against this machine's fp32 peak.
 
-    python bench/train_step.py [--configs tiny,medium] [--repeats 5] [--peak-size 1024]
+    python bench/train_step.py [--configs tiny,medium] [--repeats 5] [--batch medium=32] [--peak-sizes 512,1024,2048]
 
 Prints one JSON line for the matmul peak, then one per model config, with tokens_per_s,
 achieved_gflops, peak_gflops and mfu (= achieved / peak). The step is the real
@@ -53,20 +53,17 @@ CONFIGS = {
 FORMULA = "6*N_body*B*T + 6*d*V*B*R + 12*L*B*T^2*H*hd"
 
 
-def matmul_peak(sizes: list[int], repeats: int) -> dict:
-    """fp32 GFLOP/s of a dependent chain of n x n matmuls in one jitted loop (best size, best run)."""
-    best = {}
+def matmul_peak_calls(sizes: list[int]) -> dict[int, tuple]:
+    """Per size: (compiled call, FLOPs per call) of a dependent chain of n x n fp32 matmuls."""
+    calls = {}
     for n in sizes:
         a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
         b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / np.sqrt(n)  # keeps values finite
         iters = max(4, int(2e10 / (2 * n ** 3)))  # ~20 GFLOP per call
         chain = jax.jit(lambda a, b, iters=iters: jax.lax.fori_loop(0, iters, lambda i, x: jnp.dot(x, b), a))
-        chain(a, b).block_until_ready()
-        t = min(_timed(lambda: chain(a, b).block_until_ready()) for _ in range(repeats))
-        best[n] = 2 * n ** 3 * iters / t / 1e9
-    n_best = max(best, key=best.get)
-    return {"peak_gflops": round(best[n_best], 1), "peak_matmul_n": n_best,
-            "by_size": {str(n): round(v, 1) for n, v in best.items()}}
+        chain(a, b).block_until_ready()  # compile
+        calls[n] = (lambda chain=chain, a=a, b=b: chain(a, b).block_until_ready(), 2.0 * n ** 3 * iters)
+    return calls
 
 
 def _timed(fn) -> float:
@@ -98,7 +95,7 @@ def build_step(name: str, batch: int | None):
     tx, _, _ = build_optimizer(opt, total_steps=1000)
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1})
     params = parallel.place(jax.device_get(params), parallel.param_shardings(params, mesh))
-    opt_state = jax.jit(tx.init)(params)
+    opt_state = parallel.init_opt_state(tx, params, mesh)  # as trainer.sft.run
     train_step, _ = make_steps(graphdef, tx)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, mcfg.vocab_size, size=(batch, seq)).astype(np.int32)
@@ -127,27 +124,29 @@ def main(argv=None) -> int:
     batches = {k: int(v) for k, v in (b.split("=") for b in args.batch)}
 
     env = {"backend": jax.default_backend(), "devices": jax.device_count(), "cpus": os.cpu_count(),
-           "load_avg_1m": round(os.getloadavg()[0], 2), "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    peak = matmul_peak([int(s) for s in args.peak_sizes.split(",")], args.repeats)
-    print(json.dumps({"kind": "matmul_peak", **peak, **env}), flush=True)
-
-    names = args.configs.split(",")
-    runs = {n: build_step(n, batches.get(n)) for n in names}
-    best = {}
-    for n, (run_once, _, _) in runs.items():
-        t_compile = _timed(run_once)  # compile + first step
-        best[n] = (float("inf"), t_compile)
+           "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    load_before = os.getloadavg()[0]
+    # Every timed thing is a (call, flops) pair; all are timed round-robin, best of `repeats` kept.
+    timed = {f"peak_{n}": v for n, v in matmul_peak_calls([int(s) for s in args.peak_sizes.split(",")]).items()}
+    steps = {n: build_step(n, batches.get(n)) for n in args.configs.split(",")}
+    first_call = {}
+    for n, (run_once, flops, _) in steps.items():
+        first_call[n] = _timed(run_once)  # compile + first step
+        timed[n] = (run_once, flops)
+    best = {k: float("inf") for k in timed}
     for _ in range(args.repeats):
-        for n, (run_once, _, _) in runs.items():
-            best[n] = (min(best[n][0], _timed(run_once)), best[n][1])
-    for n, (_, flops, info) in runs.items():
-        t, t_compile = best[n]
+        for k, (call, _) in timed.items():
+            best[k] = min(best[k], _timed(call))
+    load = {"load_avg_1m_before": round(load_before, 2), "load_avg_1m_after": round(os.getloadavg()[0], 2)}
+    by_size = {k[5:]: round(timed[k][1] / best[k] / 1e9, 1) for k in timed if k.startswith("peak_")}
+    peak = max(by_size.values())
+    print(json.dumps({"kind": "matmul_peak", "peak_gflops": peak, "by_size": by_size, **env, **load}), flush=True)
+    for n, (_, flops, info) in steps.items():
+        t = best[n]
         achieved = flops / t / 1e9
-        print(json.dumps({"kind": "train_step", **info, "step_s": round(t, 4), "first_call_s": round(t_compile, 2),
-                          "tokens_per_s": round(info["tokens_per_step"] / t, 1),
-                          "achieved_gflops": round(achieved, 1), "peak_gflops": peak["peak_gflops"],
-                          "mfu": round(achieved / peak["peak_gflops"], 3),
-                          "load_avg_1m": round(os.getloadavg()[0], 2)}), flush=True)
+        print(json.dumps({"kind": "train_step", **info, "step_s": round(t, 4), "first_call_s": round(first_call[n], 2),
+                          "tokens_per_s": round(info["tokens_per_step"] / t, 1), "achieved_gflops": round(achieved, 1),
+                          "peak_gflops": peak, "mfu": round(achieved / peak, 3), **load}), flush=True)
     return 0
 
 

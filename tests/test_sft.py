@@ -11,8 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import optax
 import pytest
 from flax import serialization
 
@@ -78,12 +76,13 @@ def _free_port() -> int:
 
 
 def test_sft_beats_popularity_threefold_on_valid(tmp_path):
-    """The demo configs (fewer steps) on the demo-sized synthetic data: constrained-beam HR@10 on the
-    valid split is at least 3x the popularity baseline's."""
+    """The demo configs (800 AdamW steps; valid loss at 400 and 800 only) on the demo-sized synthetic
+    data: constrained-beam HR@10 of sft_best on the whole valid split is at least 3x popularity's.
+    (600 steps are not enough: 0.43 vs the 0.51 bar.) About 1 min on 2 idle cores."""
     data_dir = tmp_path / "data"
     synthetic.generate(data_dir, 120, 400, 8, 0)
     out = tmp_path / "run"
-    assert cli_main(sft_argv(data_dir, out, "sft.steps=500", "sft.eval_every=250", "sft.checkpoint_every=1000")) == 0
+    assert cli_main(sft_argv(data_dir, out, "sft.steps=800", "sft.eval_every=400", "sft.checkpoint_every=1000")) == 0
 
     catalog = dt.load_catalog(data_dir)
     train = dt.read_split(data_dir, "train", catalog, 10)
@@ -166,13 +165,13 @@ def test_summary_records_the_optimizer_built(reference, killed):
                                                                   for c in summary["curves"]])
     # The optimizer state that was trained is Lion's (one moment), not the config default's.
     raw = serialization.msgpack_restore(train_state.state_path(killed, cfg).read_bytes())
-    text = json.dumps(jax_tree_keys(raw["opt_state"]))
+    text = json.dumps(_key_tree(raw["opt_state"]))
     assert "mu" in text and "nu" not in text
 
 
-def jax_tree_keys(tree) -> list:
+def _key_tree(tree) -> list:
     if isinstance(tree, dict):
-        return [[k, jax_tree_keys(v)] for k, v in tree.items()]
+        return [[k, _key_tree(v)] for k, v in tree.items()]
     return []
 
 
@@ -209,7 +208,8 @@ def test_decoded_best_metric_two_processes(small, tmp_path):
     empty.mkdir()
     follower = subprocess.Popen([sys.executable, "-m", "trainer", "follow"], cwd=empty,
                                 env={**env, "TRAINER_PROCESS_ID": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    argv = sft_argv(small / "data", out, *SMALL, "sft.steps=4", "sft.best_metric=valid/hr@10")
+    # fsdp=2: parameters are sharded across the two processes, so decoding needs the real all-gather.
+    argv = sft_argv(small / "data", out, *SMALL, "sft.steps=4", "sft.best_metric=valid/hr@10", "mesh.fsdp=2")
     main = subprocess.run([sys.executable, "-m", "trainer"] + argv, cwd=REPO, env={**env, "TRAINER_PROCESS_ID": "0"},
                           capture_output=True, text=True, timeout=240)
     follower_log = follower.communicate(timeout=60)[0].decode()

@@ -2,8 +2,10 @@
 
 `python -m trainer sft --config C --data DIR [--set ...]` trains on the sequential task (history of
 SIDs -> next SID) plus the item alignment task (title -> SID), response-only cross-entropy, and keeps
-the best params by `sft.best_metric` on the valid split. Process 0 prepares the data and writes every
-file; other processes receive token arrays by broadcast. A rerun resumes from the last train state.
+the best params by `sft.best_metric` on the first `sft.eval_samples` valid rows: `valid/loss`, or
+`valid/hr@K` / `valid/ndcg@K` (K in 1, 3, 5, 10, 20, 50) from K-beam constrained decoding in batches of
+`eval.batch_size`. Process 0 prepares the data, decodes and writes every file; other processes receive
+token arrays and metrics by broadcast. A rerun resumes from the last train state of the same config.
 """
 from __future__ import annotations
 
@@ -196,9 +198,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
                 host_params = jax.tree.map(parallel.to_host, params)
                 metrics.update(distributed.on_main(
                     _valid_ranking, graphdef, host_params, bundle, trie, beams, int(cfg["eval"]["batch_size"])))
-            value = metrics[sft["best_metric"]] if sft["best_metric"] in metrics else None
-            if value is None:
-                raise ConfigError(f"sft.best_metric: '{sft['best_metric']}' not computed; valid: {sorted(metrics)}")
+            value = metrics[sft["best_metric"]]
             if best is None or (value > best if higher_is_better else value < best):
                 best, best_step = value, done
                 if host_params is None:
@@ -210,9 +210,9 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         if done % sft["checkpoint_every"] == 0 and done < steps:
             host_state = train_state.to_host(params, opt_state, done, {
                 "best": np.nan if best is None else best, "best_step": -1 if best_step is None else best_step})
-            if main_proc:
-                train_state.save(state_path, host_state)
+            if main_proc:  # log lines first: a kill between the two must not lose lines the state covers
                 runlog.snapshot(state_path.parent)
+                train_state.save(state_path, host_state)
     elapsed = time.time() - t0
     if not main_proc:
         return None
