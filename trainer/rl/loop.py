@@ -183,9 +183,9 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         every = int(cfg["checkpoint_every_steps"])
         if every > 0 and done % every == 0 and done < steps:
             host_state = train_state.to_host(params, opt_state, done)
-            if main_proc:
-                train_state.save(state_path, host_state)
+            if main_proc:  # log first: a kill between the two writes must not lose covered lines
                 runlog.snapshot(state_path.parent)
+                train_state.save(state_path, host_state)
 
     elapsed = time.time() - t_start
     host_params = jax.tree.map(parallel.to_host, params)
