@@ -24,13 +24,16 @@ SFT_CONFIG = REPO / "config/trainer/demo/sft.yaml"
 
 # Small enough for seconds of SFT on 2 cores, structured enough for RL to have something to learn.
 DATA = {"num_items": 60, "num_users": 160, "num_groups": 4, "seed": 0}
-SFT_SETS = ("sft.steps=60", "sft.batch_size=32", "sft.eval_every=60", "sft.checkpoint_every=1000",
+SFT_SETS = ("sft.batch_size=32", "sft.checkpoint_every=100000",
             "sft.eval_samples=64", "data.alignment_task=false")
 
 
 @functools.cache
-def build_base(root: str) -> dict:
-    """Dataset + SFT checkpoint under `root` (cached: built once per process)."""
+def build_base(root: str, sft_steps: int = 60) -> dict:
+    """Dataset + SFT checkpoint under `root` (cached: built once per process and root).
+
+    60 SFT steps leave the tiny model at its loss plateau (it has learned the SID format and the
+    catalog, not yet to read the history): enough for the mechanics tests."""
     from trainer import sft
     from trainer.config import load_config
     from trainer.synthetic import generate
@@ -39,7 +42,8 @@ def build_base(root: str) -> dict:
     data = root / "data"
     generate(data, DATA["num_items"], DATA["num_users"], DATA["num_groups"], DATA["seed"])
     out = root / "sft"
-    cfg = load_config([BASE_CONFIG, SFT_CONFIG], list(SFT_SETS) + [f"output_dir={out}"])
+    cfg = load_config([BASE_CONFIG, SFT_CONFIG], list(SFT_SETS) + [f"sft.steps={sft_steps}", f"sft.eval_every={sft_steps}",
+                                                                    f"output_dir={out}"])
     sft.run(cfg, str(data))
     return {"data": data, "sft": out, "checkpoint": out / "sft_best.msgpack", "root": root}
 

@@ -45,7 +45,7 @@ def _run_processes(tmp_path: Path, base: dict, n: int, *sets: str) -> Path:
     return p0 / "out"
 
 
-def _same_run(out_n: Path, out_1: Path, atol: float) -> None:
+def _same_run(out_n: Path, out_1: Path, atol: float, metric_atol: float = 1e-6) -> None:
     a = load_params(out_n / "sft_state_rl_last.msgpack")
     b = load_params(out_1 / "sft_state_rl_last.msgpack")
     assert max_param_diff(a, b) <= atol
@@ -53,15 +53,21 @@ def _same_run(out_n: Path, out_1: Path, atol: float) -> None:
     assert [r["step"] for r in rows_n] == [r["step"] for r in rows_1]
     for rn, r1 in zip(rows_n, rows_1):
         assert rn.keys() == r1.keys()
-        for k in rn:
-            np.testing.assert_allclose(rn[k], r1[k], rtol=1e-4, atol=1e-6, err_msg=f"step {rn['step']} {k}")
+        for k in ("reward_mean", "accuracy", "lr") + tuple(k for k in rn if k.startswith("valid/")):
+            assert rn[k] == r1[k], f"step {rn['step']} {k}: {rn[k]} != {r1[k]}"  # same rollouts, same ranks
+        for k in ("kl", "loss", "pg_loss", "grad_norm"):
+            np.testing.assert_allclose(rn[k], r1[k], rtol=1e-3, atol=metric_atol, err_msg=f"step {rn['step']} {k}")
 
 
 def test_four_processes_match_one_process(tmp_path, rl_base):  # noqa: F811
     # batch 4 over 4 processes: one prompt (and its 4-beam group) per process; the in-training
     # validation (6 rows: uneven slices over 4 processes) also runs, with its gathers.
+    # SGD: the update is linear in the gradient, so fp32 reduction-order noise stays ~1e-7. (Adam
+    # divides by sqrt(v): on a step whose gradient is only noise it turns last-bit differences into
+    # lr-sized moves; the smoke test below runs Adam and compares with that in mind.)
     sets = ("steps=3", "rollout.batch_size=4", "rollout.n=4", "checkpoint_every_steps=0", "eval_every_steps=2",
-            "eval.max_samples=6", "eval.num_beams=10", "eval.batch_size=4", "train.optimizer.lr_schedule.peak_value=1e-3")
+            "eval.max_samples=6", "eval.num_beams=10", "eval.batch_size=4", "train.optimizer.name=sgd",
+            "train.optimizer.lr_schedule.peak_value=0.5")
     out4 = _run_processes(tmp_path, rl_base, 4, *sets)
     s4 = summary(out4)
     assert s4["process_count"] == 4 and s4["device_count"] == 4 and s4["steps"] == 3
@@ -88,4 +94,7 @@ def test_runbook_smoke_config_on_one_and_four_processes(tmp_path, rl_base):  # n
     assert s1["steps"] == 3 and s1["process_count"] == 1
     assert [r["step"] for r in metrics_rows(out1)] == [1, 2, 3]
     assert summary(out4)["process_count"] == 4
-    _same_run(out4, out1, atol=1e-5)
+    # Adam (the demo optimizer) on the smoke run's noise-only first step (no correct beam: every
+    # advantage is 0) rescales last-bit gradient noise to moves of up to lr=2e-4, so params
+    # agree to ~lr, not to fp32 precision; rollouts and rewards must still be identical.
+    _same_run(out4, out1, atol=1e-3, metric_atol=1e-5)

@@ -38,9 +38,8 @@ def test_ranking_reward_hand_computed():
     np.testing.assert_allclose(r[0], [-0.4692787, 1.0, -0.2346394], rtol=1e-6)  # literal numbers too
 
 
-def test_ranking_penalties_sum_to_minus_one_over_full_group():
-    # The weights of all G ranks sum to 1, so the penalties of a group with the target
-    # outside... here: every rank's penalty, summed, is -1 (checked through rank-0 hit + others).
+def test_ranking_penalties_of_wrong_beams():
+    # Target at rank 0 of 8: the 7 wrong beams get -w_i / sum(w), increasingly milder with rank.
     g = 8
     sid_index = jnp.arange(g)[None]
     r = np.asarray(reward.get("ranking")(sid_index, jnp.array([0])))
