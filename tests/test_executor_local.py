@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tests.procs import alive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,14 +36,6 @@ def write_workflow(tmp_path: Path, snakefile: str, slices: str) -> Path:
     (wd / "Snakefile").write_text(textwrap.dedent(snakefile))
     (wd / "slices.yaml").write_text(textwrap.dedent(slices))
     return wd
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
 
 
 PROBE = '''

@@ -13,16 +13,10 @@ import textwrap
 import time
 from pathlib import Path
 
+from tests.procs import alive
+
 REPO = Path(__file__).resolve().parents[1]
 FAKE_BIN = REPO / "tests" / "fake_gcloud"
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
-        return False
-    return state != "Z"
 
 
 def git(wd: Path, *args: str) -> str:

@@ -17,7 +17,6 @@ row scored differently still fails.
 from __future__ import annotations
 
 import ast
-import json
 import logging
 import os
 import re
@@ -30,7 +29,7 @@ from pathlib import Path
 from trainer.cli import base_parser
 from trainer.config import ConfigError, load_config
 from trainer.errors import UserError
-from trainer.io_utils import atomic_write_json, setup_logging
+from trainer.io_utils import atomic_write_json, read_json, setup_logging
 
 log = logging.getLogger("trainer")
 
@@ -150,12 +149,7 @@ def parse_calc_output(stdout: str) -> CalcOutput:
 
 def _load_summary(path: str) -> dict:
     p = Path(path)
-    if not p.is_file():
-        raise CrosscheckError(f"run summary not found: {p} (run the eval first)")
-    try:
-        summary = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CrosscheckError(f"{p}: not valid JSON ({e}); rerun the eval") from e
+    summary = read_json(p, CrosscheckError, "run the eval (again) to write the run summary")
     if not isinstance(summary, dict):
         raise CrosscheckError(f"{p}: expected a JSON object with eval/hr@K, eval/ndcg@K keys")
     return summary

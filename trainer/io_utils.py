@@ -45,6 +45,17 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def read_json(path: str | Path, error: type[Exception], hint: str) -> Any:
+    """Parse a JSON file; a missing or malformed file raises `error` naming it and `hint`."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: not found; {hint}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e}); {hint}") from None
+
+
 def md5_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.md5()
     with open(path, "rb") as f:

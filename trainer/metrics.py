@@ -20,12 +20,12 @@ Upstream `calc.py` behaviour reproduced here (read from MiniOneRec's calc.py):
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Iterable
 
 from trainer.errors import PredictionError
+from trainer.io_utils import read_json
 
 TOPK = (1, 3, 5, 10, 20, 50)
 REQUIRED_KEYS = ("input", "output", "predict")
@@ -116,12 +116,7 @@ def validate_records(records: Any, path: str = "<predictions>") -> list[dict]:
 def load_predictions(path: str | Path) -> list[dict]:
     """Read and validate a predictions file (JSON list of {input, output, predict})."""
     path = Path(path)
-    if not path.is_file():
-        raise PredictionError(f"predictions file not found: {path}")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise PredictionError(f"{path}: not valid JSON ({e}); the file may be truncated, rerun the eval") from e
+    records = read_json(path, PredictionError, "the predictions file is missing or truncated, rerun the eval")
     return validate_records(records, str(path))
 
 

@@ -13,18 +13,13 @@ from pathlib import Path
 
 from trainer.cli import base_parser
 from trainer.errors import PredictionError, UserError
-from trainer.io_utils import atomic_write_bytes, atomic_write_json, md5_file, setup_logging
+from trainer.io_utils import atomic_write_bytes, atomic_write_json, md5_file, read_json, setup_logging
 
 METRIC_PREFIXES = ("eval/hr@", "eval/ndcg@")
 
 
 def _read_json(path: str | Path, what: str):
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing ({what}); rerun the step that produces it") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({what}): {e}; rerun the step that produces it") from None
+    return read_json(path, UserError, f"it should hold the {what}: rerun the step that produces it")
 
 
 def _metric_values(summary: dict) -> dict[str, float]:
