@@ -1,6 +1,10 @@
 """Learning signal of GRPO on the synthetic data, fixed seed.
 
-What is robust at test scale (tiny model, ~1 min of RL on 2 cores): the policy's reward on the
+1. From an under-trained SFT checkpoint (450 of the demo's 800 steps), 100 RL steps with beam
+   rollouts (G=16), the ranking reward and SGD raise valid NDCG@10 on the whole valid split
+   (measured: 0.1047 -> 0.1253, HR@10 0.230 -> 0.2475) and the share of groups that hold the target.
+   Adam did not: it rescales the rounding noise of all-zero-reward groups to full-size steps.
+2. What is robust at test scale (tiny model, ~1 min of RL on 2 cores): the policy's reward on the
 prompts it trains on rises. The training split is cut to 16 rows so every step revisits the same
 prompts (rollout.batch_size=16), and sampled rollouts explore beyond the beam, so the mean reward
 climbs steadily over the run. Valid NDCG@10 is measured by the in-training evaluation and must
@@ -24,7 +28,7 @@ SETS = ("rollout.mode=sample", "rl.reward=rule", "rollout.n=8", "rollout.batch_s
         f"eval_every_steps={STEPS}", f"eval.max_samples={VALID_ROWS}", "eval.num_beams=10", "eval.batch_size=32")
 
 
-def _valid_metrics(data, sft_dir, checkpoint) -> dict:
+def _valid_metrics(data, sft_dir, checkpoint, rows: int = VALID_ROWS, beams: int = 10) -> dict:
     from trainer import data as dt
     from trainer.checkpoint import load_into_model
     from trainer.config import load_config
@@ -34,10 +38,10 @@ def _valid_metrics(data, sft_dir, checkpoint) -> dict:
 
     cfg = load_config([BASE_CONFIG])
     tok, catalog = load_tokenizer(sft_dir), dt.load_catalog(data)
-    examples = dt.read_split(data, "valid", catalog, cfg["data"]["max_history"])[:VALID_ROWS]
+    examples = dt.read_split(data, "valid", catalog, cfg["data"]["max_history"])[:rows]
     model = build_model(ModelConfig.from_dict(cfg["model"], len(tok)), 0)
     load_into_model(model, checkpoint)
-    _, m = evaluate_examples(model, tok, catalog, examples, 10, 32, cfg["data"]["max_prompt_len"])
+    _, m = evaluate_examples(model, tok, catalog, examples, beams, 32, cfg["data"]["max_prompt_len"])
     return m
 
 
@@ -64,3 +68,32 @@ def test_rl_raises_reward_on_its_prompts(tmp_path, rl_base):  # noqa: F811
     assert logged["valid/hr@10"] == pytest.approx(final["eval/hr@10"], abs=1e-9)
     before = _valid_metrics(data, rl_base["sft"], rl_base["checkpoint"])
     assert logged["valid/ndcg@10"] >= before["eval/ndcg@10"] - 0.05, (before, logged)
+
+
+def test_rl_raises_valid_ndcg_from_an_undertrained_sft(tmp_path):
+    from trainer import data as dt, sft
+    from trainer.config import load_config
+    from trainer.rl import loop
+    from trainer.synthetic import generate
+
+    from tests.rl_helpers import SFT_CONFIG
+
+    data, sft_dir = tmp_path / "data", tmp_path / "sft"
+    generate(data, 120, 400, 8, 0)  # the demo dataset
+    sft.run(load_config([BASE_CONFIG, SFT_CONFIG], ["sft.steps=450", "sft.eval_every=150", f"output_dir={sft_dir}"]),
+            str(data))
+    rl_sets = ["steps=100", "rollout.batch_size=32", "rollout.n=16", "rollout.mode=beam", "rl.reward=ranking",
+               "rl.kl_coef=0.0", "train.optimizer.name=sgd", "train.optimizer.lr_schedule.type=constant",
+               "train.optimizer.lr_schedule.peak_value=0.1", "checkpoint_every_steps=0", "eval_every_steps=0",
+               f"output_dir={tmp_path / 'rl'}", f"init.checkpoint={sft_dir / 'sft_best.msgpack'}",
+               f"tokenizer.path={sft_dir}"]
+    loop.run(load_config([BASE_CONFIG], rl_sets), str(data))
+
+    n_valid = len(dt.read_split(data, "valid", dt.load_catalog(data)))
+    before = _valid_metrics(data, sft_dir, sft_dir / "sft_best.msgpack", n_valid, 20)
+    after = _valid_metrics(data, sft_dir, tmp_path / "rl/sft_state_rl_last.msgpack", n_valid, 20)
+    assert after["eval/ndcg@10"] > before["eval/ndcg@10"] + 0.01, (before, after)
+    assert after["eval/hr@10"] >= before["eval/hr@10"], (before, after)
+    rows = metrics_rows(tmp_path / "rl")
+    accuracy = np.array([r["accuracy"] for r in rows])
+    assert accuracy[-25:].mean() > accuracy[:25].mean(), accuracy.round(3).tolist()
