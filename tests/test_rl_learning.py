@@ -24,7 +24,7 @@ from tests.rl_helpers import BASE_CONFIG, metrics_rows, rl_base, run_rl_inproces
 
 STEPS, VALID_ROWS = 30, 64
 SETS = ("rollout.mode=sample", "rl.reward=rule", "rollout.n=8", "rollout.batch_size=16", "rl.kl_coef=0.04",
-        "train.optimizer.lr_schedule.peak_value=1e-3", f"steps={STEPS}", "checkpoint_every_steps=0",
+        "train.optimizer.name=adamw", "train.optimizer.lr_schedule.peak_value=1e-3", f"steps={STEPS}", "checkpoint_every_steps=0",
         f"eval_every_steps={STEPS}", f"eval.max_samples={VALID_ROWS}", "eval.num_beams=10", "eval.batch_size=32")
 
 
