@@ -77,7 +77,7 @@ DEFAULTS: dict[str, Any] = {
     "rollout": {
         "batch_size": 8,  # prompts per step (global, across processes)
         "n": 8,  # group size: completions per prompt
-        "max_length_sample": 64,
+        "max_length_sample": 64,  # runbook key; SID responses are always 4 tokens (3 codes + newline)
         "mode": "beam",  # beam | sample
         "temperature": 1.0,
     },

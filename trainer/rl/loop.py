@@ -134,7 +134,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         log.info("resuming RL from step %d (%s)", start, state_path)
 
     runlog = RunLog(out, cfg, main_proc, "rl", resume_step=start, state_dir=state_path.parent)
-    timings = {"rollout": 0.0, "reward": 0.0, "advantage": 0.0, "update": 0.0, "eval": 0.0}
+    timings = {"rollout": 0.0, "reward_advantage": 0.0, "logprobs": 0.0, "update": 0.0, "eval": 0.0}
     eval_every, valid_metrics = int(cfg["eval_every_steps"]), {}
     t_start = time.time()
     base_key = jax.random.key(int(cfg["seed"]))
@@ -152,13 +152,13 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         t = time.time()
         rewards, adv = score(sid_index, targets)
         rewards.block_until_ready()
-        timings["reward"] += time.time() - t  # reward and advantage share one small jitted call
+        timings["reward_advantage"] += time.time() - t  # one small jitted call for both phases
         t = time.time()
         ids, mask, adv_rows = build_sequences(prompt_ids, prompt_mask, sid_table, sid_index, adv, newline_id)
         batch = {"input_ids": ids, "attention_mask": mask, "advantages": adv_rows,
                  "old_logp": logprobs(params, ids, mask), "ref_logp": logprobs(ref_params, ids, mask)}
         batch["ref_logp"].block_until_ready()
-        timings["advantage"] += time.time() - t
+        timings["logprobs"] += time.time() - t  # sequences + old/reference log-probs
         t = time.time()
         for _ in range(int(cfg["rl"]["updates_per_rollout"])):
             params, opt_state, m = update_step(params, opt_state, batch)
