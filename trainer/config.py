@@ -215,7 +215,3 @@ def load_config(paths: str | Path | list | tuple | None = None, overrides: list[
     for assignment in overrides:
         apply_override(cfg, assignment)
     return cfg
-
-
-def to_yaml(cfg: dict) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from trainer import losses
 from trainer.config import ConfigError
 from trainer.model import KVCache, init_cache
 from trainer.trie import LEVELS, SidTrie, children
@@ -138,9 +139,7 @@ def response_logprobs(model, prompt_ids, prompt_mask, sid_tokens, newline_id):
     ids = jnp.concatenate([jnp.repeat(prompt_ids[:, None], g, axis=1), response], axis=-1).reshape(b * g, -1)
     mask = jnp.concatenate([jnp.repeat(prompt_mask[:, None], g, axis=1), jnp.ones((b, g, 4), jnp.int32)],
                            axis=-1).reshape(b * g, -1)
-    logits, _ = model(ids, mask)
-    logp = jax.nn.log_softmax(logits[:, p - 1:p + LEVELS], axis=-1)  # predicts positions p .. p+3
-    return jnp.take_along_axis(logp, response.reshape(b * g, 4, 1), axis=-1).reshape(b, g, 4)
+    return losses.response_logprobs(model, ids, mask, LEVELS + 1).reshape(b, g, LEVELS + 1)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "newline_id"))

@@ -40,7 +40,8 @@ _LENGTH_BUCKET = 8
 
 def prepare_inputs(cfg: dict, data_dir: str) -> dict:
     """Process 0: everything the other processes need, as plain arrays."""
-    from trainer import data as dt, prompts, tokenizer as tk
+    from trainer import data as dt, tokenizer as tk
+    from trainer.evaluate import encode_prompts
 
     tok_dir = cfg["tokenizer"]["path"]
     if not tok_dir:
@@ -53,8 +54,7 @@ def prepare_inputs(cfg: dict, data_dir: str) -> dict:
         raise ConfigError(f"{data_dir}/train.csv has no rows to train on")
     tok = tk.load_tokenizer(tok_dir)
     sid_pos = catalog.sid_index
-    encoded = [tk.encode_prompt(tok, prompts.sequential_prompt(e.history_sids), cfg["data"]["max_prompt_len"])
-               for e in examples]
+    _, encoded = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"])
     length = -(-max(len(p) for p in encoded) // _LENGTH_BUCKET) * _LENGTH_BUCKET
     prompt_ids, prompt_mask = left_pad(encoded, tok.pad_token_id, length)
     mcfg = ModelConfig.from_dict(cfg["model"], vocab_size=len(tok))
