@@ -8,7 +8,7 @@ import os
 import yaml
 from snakemake.utils import min_version, validate
 
-from trainer.workflow_config import coerce_cli_scalars
+from trainer.ops.workflow_config import coerce_cli_scalars
 
 min_version("9.0")
 

@@ -29,10 +29,10 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer import hf_io  # noqa: E402
-from trainer.decode import _prefill, constrained_beam_search  # noqa: E402
-from trainer.model import ModelConfig, build_model, params_dict  # noqa: E402
-from trainer.trie import build_trie, hf_prefix_allowed_tokens_fn, sid_index_lookup  # noqa: E402
+from trainer.model import hf_io  # noqa: E402
+from trainer.decode.beam import _prefill, constrained_beam_search  # noqa: E402
+from trainer.model.qwen2 import ModelConfig, build_model, params_dict  # noqa: E402
+from trainer.decode.trie import build_trie, hf_prefix_allowed_tokens_fn, sid_index_lookup  # noqa: E402
 
 OFFICE_INFO = Path("/work/shared/minionerec-data/data/Amazon/info/Office_Products_5_2016-10-2018-11.txt")
 OFFICE_ITEMS = 3459

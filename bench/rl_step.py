@@ -27,13 +27,13 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer import parallel  # noqa: E402
+from trainer.train import parallel  # noqa: E402
 from trainer.config import load_config  # noqa: E402
-from trainer.model import ModelConfig, build_model  # noqa: E402
-from trainer.optim import build_optimizer  # noqa: E402
+from trainer.model.qwen2 import ModelConfig, build_model  # noqa: E402
+from trainer.train.optim import build_optimizer  # noqa: E402
 from trainer.rl import advantage, reward, rollout  # noqa: E402
 from trainer.rl.loop import make_step_fns  # noqa: E402
-from trainer.trie import build_trie  # noqa: E402
+from trainer.decode.trie import build_trie  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_VOCAB, CODEBOOK = 400, 32  # prompt tokens 0..399, then 3 code levels, then the newline

@@ -4,8 +4,8 @@
 
 Prints one JSON line for the matmul peak, then one per model config, with tokens_per_s,
 achieved_gflops, peak_gflops and mfu (= achieved / peak). The step is the real
-`trainer.sft.make_steps` train_step (AdamW, clip 1.0, as the demo SFT) on params placed exactly
-as `trainer.sft.run` places them; only the batch is random tokens (fully unpadded).
+`trainer.train.sft.make_steps` train_step (AdamW, clip 1.0, as the demo SFT) on params placed exactly
+as `trainer.train.sft.run` places them; only the batch is random tokens (fully unpadded).
 
 FLOPs per step (PaLM-style model FLOPs, the formula is echoed in the output):
     6 * N_body * B * T              every matmul weight of the decoder layers, all positions
@@ -34,11 +34,11 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer import parallel  # noqa: E402
+from trainer.train import parallel  # noqa: E402
 from trainer.config import DEFAULTS  # noqa: E402
-from trainer.model import ModelConfig, build_model  # noqa: E402
-from trainer.optim import build_optimizer  # noqa: E402
-from trainer.sft import N_RESP, make_steps  # noqa: E402
+from trainer.model.qwen2 import ModelConfig, build_model  # noqa: E402
+from trainer.train.optim import build_optimizer  # noqa: E402
+from trainer.train.sft import N_RESP, make_steps  # noqa: E402
 
 # tiny: config/trainer/demo/base.yaml (vocab and length of the demo's BPE tokenizer + synthetic SIDs,
 # prompts left-truncated to 128 tokens + 5 response tokens).
@@ -95,7 +95,7 @@ def build_step(name: str, batch: int | None):
     tx, _, _ = build_optimizer(opt, total_steps=1000)
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1})
     params = parallel.place(jax.device_get(params), parallel.param_shardings(params, mesh))
-    opt_state = parallel.init_opt_state(tx, params, mesh)  # as trainer.sft.run
+    opt_state = parallel.init_opt_state(tx, params, mesh)  # as trainer.train.sft.run
     train_step, _ = make_steps(graphdef, tx)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, mcfg.vocab_size, size=(batch, seq)).astype(np.int32)

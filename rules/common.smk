@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from snakemake_executor_plugin_tpu.slices import placement
-from trainer.workflow_config import check_workflow_config, stage_configs
+from trainer.ops.workflow_config import check_workflow_config, stage_configs
 
 PY = sys.executable  # the interpreter running Snakemake runs every trainer command
 

@@ -27,7 +27,7 @@ def free_port() -> int:
 
 
 def trainer_env(coordinator: str | None, hosts: int, worker: int, extra: Mapping[str, str] = {}) -> dict[str, str]:
-    """The environment protocol of trainer.distributed for one host."""
+    """The environment protocol of trainer.train.distributed for one host."""
     env = {"TRAINER_NUM_PROCESSES": str(hosts), "TRAINER_PROCESS_ID": str(worker)}
     if coordinator:
         env["TRAINER_COORDINATOR"] = coordinator

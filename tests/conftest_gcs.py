@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import gcs_emulator as emu
+from trainer.ops import gcs_emulator as emu
 
 TEST_BUCKET = "sidrl-test"
 

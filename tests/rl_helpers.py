@@ -34,9 +34,9 @@ def build_base(root: str, sft_steps: int = 60) -> dict:
 
     60 SFT steps leave the tiny model at its loss plateau (it has learned the SID format and the
     catalog, not yet to read the history): enough for the mechanics tests."""
-    from trainer import sft
+    from trainer.train import sft
     from trainer.config import load_config
-    from trainer.synthetic import generate
+    from trainer.data.synthetic import generate
 
     root = Path(root)
     data = root / "data"
@@ -132,7 +132,7 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 def load_params(path: Path) -> dict[str, np.ndarray]:
     """Flat {key/path: array} of a msgpack params file."""
-    from trainer.checkpoint import _flatten, read_msgpack
+    from trainer.model.checkpoint import _flatten, read_msgpack
 
     return {k: np.asarray(v) for k, v in _flatten(read_msgpack(path)).items()}
 

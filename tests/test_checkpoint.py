@@ -1,4 +1,4 @@
-"""trainer.checkpoint: param msgpack round trip, validation errors, resumable train state."""
+"""trainer.model.checkpoint: param msgpack round trip, validation errors, resumable train state."""
 from __future__ import annotations
 
 import jax
@@ -7,10 +7,10 @@ import numpy as np
 import optax
 import pytest
 
-from trainer.checkpoint import (load_into_model, load_params, load_train_state, read_msgpack, save_params,
+from trainer.model.checkpoint import (load_into_model, load_params, load_train_state, read_msgpack, save_params,
                                 save_train_state)
 from trainer.errors import CheckpointError
-from trainer.model import ModelConfig, build_model, params_dict
+from trainer.model.qwen2 import ModelConfig, build_model, params_dict
 
 CFG = ModelConfig(vocab_size=20, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=2, num_kv_heads=1)
 

@@ -1,4 +1,4 @@
-"""trainer.calc (independent calc.py) and `python -m trainer crosscheck` against hand-built files."""
+"""trainer.ops.calc (independent calc.py) and `python -m trainer crosscheck` against hand-built files."""
 from __future__ import annotations
 
 import io
@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import calc as calc_mod
+from trainer.ops import calc as calc_mod
 from trainer.cli import main as cli_main
 from trainer.config import load_config
-from trainer.crosscheck import PRINT_RESOLUTION, CrosscheckError, parse_calc_output, run_crosscheck
-from trainer.metrics import compute_metrics, load_predictions, load_valid_sids
+from trainer.ops.crosscheck import PRINT_RESOLUTION, CrosscheckError, parse_calc_output, run_crosscheck
+from trainer.eval.metrics import compute_metrics, load_predictions, load_valid_sids
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO / "tests" / "fixtures" / "calc_reference.py"
@@ -96,7 +96,7 @@ def test_builtin_calc_prints_exactly_what_upstream_prints(tmp_path):
 def test_builtin_calc_cli_and_item_path_without_suffix(tmp_path):
     predictions, info = write_case(tmp_path, mixed_records())
     no_suffix = str(info)[:-4]
-    proc = subprocess.run([sys.executable, "-m", "trainer.calc", "--path", str(predictions), "--item_path", no_suffix],
+    proc = subprocess.run([sys.executable, "-m", "trainer.ops.calc", "--path", str(predictions), "--item_path", no_suffix],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == run_reference(predictions, info)
@@ -177,7 +177,7 @@ def test_crosscheck_builtin_passes_and_writes_report(tmp_path, capsys):
     assert "passed" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["passed"] is True and report["problems"] == []
-    assert report["tool"] == "builtin:trainer.calc" and report["command"][1:3] == ["-m", "trainer.calc"]
+    assert report["tool"] == "builtin:trainer.ops.calc" and report["command"][1:3] == ["-m", "trainer.ops.calc"]
     assert report["n_beam"] == 10 and report["topk"] == [1, 3, 5, 10]
     assert set(report["metrics"]) == {f"eval/{m}@{k}" for m in ("hr", "ndcg") for k in (1, 3, 5, 10)}
     assert report["max_abs_diff"] <= PRINT_RESOLUTION

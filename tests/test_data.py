@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from trainer import data
+from trainer.data import readers as data
 from trainer.cli import main as cli_main
 from trainer.errors import DataError
-from trainer.prepare_data import import_minionerec, minionerec_sources
+from trainer.data.prepare_data import import_minionerec, minionerec_sources
 
 AMAZON = Path("/work/shared/minionerec-data/data/Amazon")
 HEADER = "user_id,history_item_title,item_title,history_item_id,item_id,history_item_sid,item_sid\n"

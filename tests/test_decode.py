@@ -14,11 +14,11 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from trainer import hf_io  # noqa: E402
+from trainer.model import hf_io  # noqa: E402
 from trainer.config import ConfigError  # noqa: E402
-from trainer.decode import constrained_beam_search, constrained_sample, sequence_logprobs  # noqa: E402
-from trainer.model import ModelConfig, build_model, params_dict  # noqa: E402
-from trainer.trie import build_trie, hf_prefix_allowed_tokens_fn, sid_index_lookup  # noqa: E402
+from trainer.decode.beam import constrained_beam_search, constrained_sample, sequence_logprobs  # noqa: E402
+from trainer.model.qwen2 import ModelConfig, build_model, params_dict  # noqa: E402
+from trainer.decode.trie import build_trie, hf_prefix_allowed_tokens_fn, sid_index_lookup  # noqa: E402
 
 VOCAB, NEWLINE, EOS = 100, 99, 98
 CFG = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2)

@@ -15,16 +15,20 @@ import pytest
 import yaml
 from flax import nnx
 
-from trainer import data as dt, synthetic, tokenizer as tk
-from trainer.batching import left_pad
-from trainer.checkpoint import save_params
+from trainer.data import readers as dt
+
+from trainer.data import synthetic
+
+from trainer.data import tokenizer as tk
+from trainer.data.batching import left_pad
+from trainer.model.checkpoint import save_params
 from trainer.cli import main as cli_main
-from trainer.decode import sequence_logprobs
-from trainer.evaluate import evaluate_examples
+from trainer.decode.beam import sequence_logprobs
+from trainer.eval.evaluate import evaluate_examples
 from trainer.io_utils import md5_file
-from trainer.metrics import compute_metrics, load_predictions, load_valid_sids
-from trainer.model import ModelConfig, build_model, params_dict
-from trainer.prompts import sequential_prompt
+from trainer.eval.metrics import compute_metrics, load_predictions, load_valid_sids
+from trainer.model.qwen2 import ModelConfig, build_model, params_dict
+from trainer.data.prompts import sequential_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = dict(hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)

@@ -2,7 +2,7 @@
 
 A multi-host slice is simulated with local processes: host 0 runs the Snakemake job in the workflow
 directory, followers run in empty scratch directories. The JAX test proves that 4 processes join one
-jax.distributed cluster through trainer.distributed.
+jax.distributed cluster through trainer.train.distributed.
 """
 import json
 import os
@@ -41,7 +41,7 @@ def write_workflow(tmp_path: Path, snakefile: str, slices: str) -> Path:
 PROBE = '''
 """Runs like a trainer command: every process joins the cluster; process 0 alone writes the output."""
 import json, os, sys
-from trainer import distributed
+from trainer.train import distributed
 
 def main(argv):
     distributed.start(argv)

@@ -15,8 +15,8 @@ from pathlib import Path
 import google_crc32c
 import pytest
 
-from trainer import gcs_emulator as emu
-from trainer import handoff
+from trainer.ops import gcs_emulator as emu
+from trainer.ops import handoff
 from trainer.errors import HandoffError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,7 +198,8 @@ def transmit_then_hang(self, *args, **kwargs):
     time.sleep(120)
     return response
 media_upload.ResumableUpload.transmit_next_chunk = transmit_then_hang
-from trainer import handoff, gcs_emulator
+from trainer.ops import handoff
+from trainer.ops import gcs_emulator
 handoff.upload_files([sys.argv[1]], sys.argv[2], client=gcs_emulator.storage_client(sys.argv[3]),
                      chunk_size_mib=1, receipt_path=sys.argv[4])
 """

@@ -16,11 +16,11 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from trainer import hf_io  # noqa: E402
-from trainer.checkpoint import load_into_model, save_params  # noqa: E402
+from trainer.model import hf_io  # noqa: E402
+from trainer.model.checkpoint import load_into_model, save_params  # noqa: E402
 from trainer.cli import main as cli_main  # noqa: E402
 from trainer.errors import CheckpointError  # noqa: E402
-from trainer.model import ModelConfig, build_model, init_cache, params_dict, reorder_cache  # noqa: E402
+from trainer.model.qwen2 import ModelConfig, build_model, init_cache, params_dict, reorder_cache  # noqa: E402
 
 TOL = 1e-4
 
@@ -160,7 +160,7 @@ def _random_params(cfg: ModelConfig, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
-    from trainer.tokenizer import save_tokenizer, train_bpe_tokenizer
+    from trainer.data.tokenizer import save_tokenizer, train_bpe_tokenizer
 
     texts = ["the user bought <a_1><b_2><c_3> then <a_4><b_5><c_6>\n", "### Response:\n"] * 4
     tok = train_bpe_tokenizer(texts, ["<a_1><b_2><c_3>", "<a_4><b_5><c_6>"], 270)

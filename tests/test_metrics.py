@@ -1,4 +1,4 @@
-"""trainer.metrics: MiniOneRec calc.py semantics on hand-built predictions, and input validation."""
+"""trainer.eval.metrics: MiniOneRec calc.py semantics on hand-built predictions, and input validation."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import math
 import pytest
 
 from trainer.errors import PredictionError
-from trainer.metrics import (compute_metrics, load_predictions, load_valid_sids, rank_of, target_of,
+from trainer.eval.metrics import (compute_metrics, load_predictions, load_valid_sids, rank_of, target_of,
                              topk_list)
 
 

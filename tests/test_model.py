@@ -1,4 +1,4 @@
-"""trainer.model without torch: config, param layout, causality, left padding, KV cache, beam reorder."""
+"""trainer.model.qwen2 without torch: config, param layout, causality, left padding, KV cache, beam reorder."""
 from __future__ import annotations
 
 import jax
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from trainer.model import (KVCache, ModelConfig, build_model, init_cache, param_count, params_dict,
+from trainer.model.qwen2 import (KVCache, ModelConfig, build_model, init_cache, param_count, params_dict,
                            reorder_cache)
 
 CFG = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)

@@ -1,4 +1,4 @@
-"""trainer.optim: every optimizer name trains, LR schedules have the documented values, bad names fail."""
+"""trainer.train.optim: every optimizer name trains, LR schedules have the documented values, bad names fail."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from trainer.config import DEFAULTS, ConfigError
-from trainer.optim import OPTIMIZERS, build_optimizer, build_schedule
+from trainer.train.optim import OPTIMIZERS, build_optimizer, build_schedule
 
 
 def opt_cfg(**over) -> dict:

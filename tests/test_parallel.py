@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from trainer.config import ConfigError
-from trainer.parallel import param_spec
+from trainer.train.parallel import param_spec
 
 SCRIPT = Path(__file__).parent / "scripts" / "mesh_equivalence.py"
 
@@ -39,7 +39,7 @@ def test_param_spec_shards_the_first_divisible_dimension():
 
 
 def test_mesh_must_cover_the_devices():
-    from trainer.parallel import make_mesh
+    from trainer.train.parallel import make_mesh
 
     with pytest.raises(ConfigError, match="mesh.data=3"):
         make_mesh({"data": 3, "fsdp": 1})

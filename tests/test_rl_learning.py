@@ -29,12 +29,12 @@ SETS = ("rollout.mode=sample", "rl.reward=rule", "rollout.n=8", "rollout.batch_s
 
 
 def _valid_metrics(data, sft_dir, checkpoint, rows: int = VALID_ROWS, beams: int = 10) -> dict:
-    from trainer import data as dt
-    from trainer.checkpoint import load_into_model
+    from trainer.data import readers as dt
+    from trainer.model.checkpoint import load_into_model
     from trainer.config import load_config
-    from trainer.evaluate import evaluate_examples
-    from trainer.model import ModelConfig, build_model
-    from trainer.tokenizer import load_tokenizer
+    from trainer.eval.evaluate import evaluate_examples
+    from trainer.model.qwen2 import ModelConfig, build_model
+    from trainer.data.tokenizer import load_tokenizer
 
     cfg = load_config([BASE_CONFIG])
     tok, catalog = load_tokenizer(sft_dir), dt.load_catalog(data)
@@ -71,10 +71,11 @@ def test_rl_raises_reward_on_its_prompts(tmp_path, rl_base):  # noqa: F811
 
 
 def test_rl_raises_valid_ndcg_from_an_undertrained_sft(tmp_path):
-    from trainer import data as dt, sft
+    from trainer.data import readers as dt
+    from trainer.train import sft
     from trainer.config import load_config
     from trainer.rl import loop
-    from trainer.synthetic import generate
+    from trainer.data.synthetic import generate
 
     from tests.rl_helpers import SFT_CONFIG
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from trainer.config import ConfigError
-from trainer.model import ModelConfig, build_model
+from trainer.model.qwen2 import ModelConfig, build_model
 from trainer.rl import advantage, reward, rollout, update
-from trainer.trie import build_trie
+from trainer.decode.trie import build_trie
 
 # ----------------------------------------------------------------------------- reward
 
@@ -172,7 +172,7 @@ def _cfg(mode, n, temperature=1.0):
 def test_rollout_beam_returns_distinct_valid_sids_best_first(tiny):
     from flax import nnx
 
-    from trainer.decode import sequence_logprobs
+    from trainer.decode.beam import sequence_logprobs
 
     graphdef, params, trie, table, prompts, mask = tiny
     out = np.asarray(rollout.rollout(graphdef, params, prompts, mask, trie, _cfg("beam", 8), NEWLINE,

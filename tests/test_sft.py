@@ -14,14 +14,20 @@ from pathlib import Path
 import pytest
 from flax import serialization
 
-from trainer import data as dt, synthetic, tokenizer as tk, train_state
-from trainer.checkpoint import load_into_model
+from trainer.data import readers as dt
+
+from trainer.data import synthetic
+
+from trainer.data import tokenizer as tk
+
+from trainer.train import train_state
+from trainer.model.checkpoint import load_into_model
 from trainer.cli import main as cli_main
 from trainer.config import ConfigError, load_config
-from trainer.evaluate import evaluate_examples
+from trainer.eval.evaluate import evaluate_examples
 from trainer.io_utils import md5_file
-from trainer.model import ModelConfig, build_model
-from trainer.optim import build_optimizer
+from trainer.model.qwen2 import ModelConfig, build_model
+from trainer.train.optim import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = [REPO / "config/trainer/demo/base.yaml", REPO / "config/trainer/demo/sft.yaml"]
@@ -235,7 +241,7 @@ def test_decoded_best_metric_two_processes(small, tmp_path):
 def test_batch_larger_than_data_is_a_config_error(small, tmp_path, capsys):
     out = tmp_path / "o"
     with pytest.raises(ConfigError, match=r"sft.batch_size=100000 exceeds the \d+ training sequences"):
-        from trainer import sft
+        from trainer.train import sft
         sft.run(load_cfg(f"output_dir={out}", *SMALL, "sft.batch_size=100000"), str(small / "data"))
     assert cli_main(sft_argv(small / "data", out, *SMALL, "sft.batch_size=100000")) == 2
     assert "sft.batch_size=100000" in capsys.readouterr().err
@@ -249,7 +255,7 @@ def test_batch_larger_than_data_is_a_config_error(small, tmp_path, capsys):
     ("sft.eval_every=0", r"sft.eval_every=0: must be an integer >= 1"),
 ])
 def test_bad_settings_are_config_errors(small, tmp_path, setting, message):
-    from trainer import sft
+    from trainer.train import sft
 
     with pytest.raises(ConfigError, match=message):
         sft.run(load_cfg(f"output_dir={tmp_path / 'o'}", *SMALL, setting), str(small / "data"))

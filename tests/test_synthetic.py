@@ -6,7 +6,9 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from trainer import data, synthetic
+from trainer.data import readers as data
+
+from trainer.data import synthetic
 from trainer.config import ConfigError
 
 FILES = ("train.csv", "valid.csv", "test.csv", "info.txt", "index.json", "item.json")

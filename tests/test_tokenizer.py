@@ -6,8 +6,12 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from trainer import data, prompts, synthetic
-from trainer import tokenizer as T
+from trainer.data import readers as data
+
+from trainer.data import prompts
+
+from trainer.data import synthetic
+from trainer.data import tokenizer as T
 from trainer.errors import CheckpointError
 
 

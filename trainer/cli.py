@@ -9,18 +9,18 @@ from trainer.errors import UserError
 
 # command -> module with `main(argv) -> int`; imported lazily so `--help` and light commands stay fast.
 COMMANDS = {
-    "prepare-data": "trainer.prepare_data",
-    "import-hf": "trainer.hf_io",
-    "export-hf": "trainer.hf_io",
-    "sft": "trainer.sft",
+    "prepare-data": "trainer.data.prepare_data",
+    "import-hf": "trainer.model.hf_io",
+    "export-hf": "trainer.model.hf_io",
+    "sft": "trainer.train.sft",
     "rl": "trainer.rl.loop",
-    "eval": "trainer.evaluate",
-    "crosscheck": "trainer.crosscheck",
-    "handoff-upload": "trainer.handoff",
-    "handoff-download": "trainer.handoff",
-    "gcs-emulator": "trainer.gcs_emulator",
-    "metrics": "trainer.report",
-    "follow": "trainer.distributed",
+    "eval": "trainer.eval.evaluate",
+    "crosscheck": "trainer.ops.crosscheck",
+    "handoff-upload": "trainer.ops.handoff",
+    "handoff-download": "trainer.ops.handoff",
+    "gcs-emulator": "trainer.ops.gcs_emulator",
+    "metrics": "trainer.ops.report",
+    "follow": "trainer.train.distributed",
 }
 
 

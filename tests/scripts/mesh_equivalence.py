@@ -9,10 +9,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from trainer import parallel
-from trainer.model import ModelConfig, build_model
-from trainer.optim import build_optimizer
-from trainer.sft import make_steps
+from trainer.train import parallel
+from trainer.model.qwen2 import ModelConfig, build_model
+from trainer.train.optim import build_optimizer
+from trainer.train.sft import make_steps
 
 data, fsdp = int(sys.argv[1]), int(sys.argv[2])
 mesh = parallel.make_mesh({"data": data, "fsdp": fsdp})

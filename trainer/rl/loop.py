@@ -21,16 +21,22 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from tqdm import tqdm
 
-from trainer import checkpoint, distributed, parallel, train_state
-from trainer.batching import left_pad
+from trainer.model import checkpoint
+
+from trainer.train import distributed
+
+from trainer.train import parallel
+
+from trainer.train import train_state
+from trainer.data.batching import left_pad
 from trainer.cli import base_parser
 from trainer.config import ConfigError, load_config
 from trainer.io_utils import atomic_write_bytes, atomic_write_json, md5_file, setup_logging
-from trainer.model import ModelConfig, build_model
-from trainer.optim import build_optimizer
+from trainer.model.qwen2 import ModelConfig, build_model
+from trainer.train.optim import build_optimizer
 from trainer.rl import advantage, reward, rollout, update, validate
 from trainer.runlog import RunLog
-from trainer.trie import build_trie
+from trainer.decode.trie import build_trie
 
 log = logging.getLogger("trainer")
 CHECKPOINT_FILE = "sft_state_rl_last.msgpack"
@@ -40,8 +46,9 @@ _LENGTH_BUCKET = 8
 
 def prepare_inputs(cfg: dict, data_dir: str) -> dict:
     """Process 0: everything the other processes need, as plain arrays."""
-    from trainer import data as dt, tokenizer as tk
-    from trainer.evaluate import encode_prompts
+    from trainer.data import readers as dt
+    from trainer.data import tokenizer as tk
+    from trainer.eval.evaluate import encode_prompts
 
     tok_dir = cfg["tokenizer"]["path"]
     if not tok_dir:

@@ -1,7 +1,7 @@
 """Phase 1, rollout: a group of G completions per prompt from the constrained decoder.
 
 `beam` (MiniOneRec's default) returns the G best distinct valid SIDs, best first; `sample` draws G
-trie-constrained samples at `rollout.temperature`. Both reuse trainer.decode: one decoder for
+trie-constrained samples at `rollout.temperature`. Both reuse trainer.decode.beam: one decoder for
 evaluation and training.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from trainer.config import ConfigError
-from trainer.decode import constrained_beam_search, constrained_sample
-from trainer.trie import SidTrie
+from trainer.decode.beam import constrained_beam_search, constrained_sample
+from trainer.decode.trie import SidTrie
 
 MODES = ("beam", "sample")
 

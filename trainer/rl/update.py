@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from trainer.losses import response_logprobs
+from trainer.train.losses import response_logprobs
 
 N_RESP = 4  # a, b, c, newline
 

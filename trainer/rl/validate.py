@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from trainer import parallel
+from trainer.train import parallel
 from trainer.config import ConfigError
 
 DEFAULT_SAMPLES = 128  # valid rows when eval.max_samples is null: cheap enough to run often
@@ -21,8 +21,8 @@ DEFAULT_SAMPLES = 128  # valid rows when eval.max_samples is null: cheap enough 
 
 def prepare(cfg: dict, data_dir: str, catalog, tok) -> dict | None:
     """Process 0: the encoded valid rows, or None when in-training validation is off."""
-    from trainer import data as dt
-    from trainer.evaluate import encode_prompts
+    from trainer.data import readers as dt
+    from trainer.eval.evaluate import encode_prompts
 
     if int(cfg["eval_every_steps"]) <= 0:
         return None
@@ -43,9 +43,9 @@ def prepare(cfg: dict, data_dir: str, catalog, tok) -> dict | None:
 
 def evaluate(graphdef, params, valid: dict, sid_table: np.ndarray, newline_id: int, eval_cfg: dict) -> dict:
     """Every process: {'valid/hr@K': ..., 'valid/ndcg@K': ...} for K <= eval.num_beams."""
-    from trainer.evaluate import _gather_rows, build_records, predict_sid_rows
-    from trainer.metrics import compute_metrics
-    from trainer.trie import build_trie
+    from trainer.eval.evaluate import _gather_rows, build_records, predict_sid_rows
+    from trainer.eval.metrics import compute_metrics
+    from trainer.decode.trie import build_trie
 
     host = jax.tree.map(parallel.to_host, params)  # collective: every process holds all params
     model = nnx.merge(graphdef, jax.device_put(host, jax.local_devices()[0]))

@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from trainer.config import ConfigError
-from trainer.data import CSV_COLUMNS, INDEX_FILE, INFO_FILE, ITEM_FILE
+from trainer.data.readers import CSV_COLUMNS, INDEX_FILE, INFO_FILE, ITEM_FILE
 from trainer.io_utils import atomic_write_text
 
 MAX_FILE_HISTORY = 10  # MiniOneRec's CSVs keep at most 10 history items

@@ -3,7 +3,7 @@
 No torch at runtime: tensors are read and written with `safetensors.numpy` (bf16 via ml_dtypes).
 HF stores linear weights [out, in]; our kernels are [in, out], so every kernel is transposed on
 the way in and out. The name map is derived from the model's own param tree, so a layout change
-in trainer.model breaks import/export loudly instead of silently dropping tensors.
+in trainer.model.qwen2 breaks import/export loudly instead of silently dropping tensors.
 
 CLI:
   python -m trainer import-hf HF_DIR --out OUT_DIR
@@ -23,7 +23,7 @@ from flax import nnx
 
 from trainer.errors import CheckpointError
 from trainer.io_utils import atomic_write_bytes, atomic_write_json, atomic_write_text
-from trainer.model import ModelConfig, build_model, params_dict
+from trainer.model.qwen2 import ModelConfig, build_model, params_dict
 
 log = logging.getLogger("trainer")
 
@@ -205,7 +205,7 @@ def _hf_config(cfg: ModelConfig, dtype_name: str, token_ids: dict) -> dict:
 
 
 def _token_ids(tokenizer_dir: Path, vocab_size: int) -> dict:
-    from trainer.tokenizer import load_tokenizer
+    from trainer.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     if len(tok) > vocab_size:
@@ -240,7 +240,7 @@ def export_hf(params: dict, model_cfg: ModelConfig, out_dir: str | Path,
     """
     from safetensors.numpy import save as st_save
 
-    from trainer.checkpoint import check_against
+    from trainer.model.checkpoint import check_against
 
     out_dir = Path(out_dir)
     params = _str_keys(params)
@@ -274,7 +274,7 @@ def _str_keys(tree):
 # ----------------------------------------------------------------------------- CLI
 
 def _import_main(argv: list[str]) -> int:
-    from trainer.checkpoint import save_params
+    from trainer.model.checkpoint import save_params
     from trainer.cli import base_parser
     from trainer.io_utils import setup_logging
 
@@ -294,7 +294,7 @@ def _import_main(argv: list[str]) -> int:
 
 
 def _checkpoint_vocab(path: Path) -> int:
-    from trainer.checkpoint import read_msgpack
+    from trainer.model.checkpoint import read_msgpack
 
     tree = read_msgpack(path)
     try:
@@ -304,7 +304,7 @@ def _checkpoint_vocab(path: Path) -> int:
 
 
 def _export_main(argv: list[str]) -> int:
-    from trainer.checkpoint import load_params
+    from trainer.model.checkpoint import load_params
     from trainer.cli import base_parser
     from trainer.config import load_config
     from trainer.io_utils import setup_logging

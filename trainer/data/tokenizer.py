@@ -15,10 +15,10 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from trainer.data import SID_RE, code_tokens, split_sid
+from trainer.data.readers import SID_RE, code_tokens, split_sid
 from trainer.errors import CheckpointError, DataError
 from trainer.io_utils import atomic_write_bytes
-from trainer.prompts import CHAT_TEMPLATE
+from trainer.data.prompts import CHAT_TEMPLATE
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")

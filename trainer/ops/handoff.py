@@ -230,7 +230,7 @@ def upload_files(paths: list[str | Path], uri: str, overwrite: bool = False, wor
     create_bucket: create a missing bucket (default: only on an emulator).
     chunk_size_mib: resumable-upload chunk size (default: the library's; multiple of 256 KiB).
     """
-    from trainer import gcs_emulator
+    from trainer.ops import gcs_emulator
 
     bucket_name, prefix = parse_gs_uri(uri)
     files = [Path(p) for p in paths]
@@ -328,7 +328,7 @@ def download_verified(receipt_path: str | Path, name: str, dest: str | Path, *, 
     """
     from google.api_core import exceptions as gexc
 
-    from trainer import gcs_emulator
+    from trainer.ops import gcs_emulator
 
     receipt = load_receipt(receipt_path)
     entry = receipt_entry(receipt, name, receipt_path)
@@ -392,7 +392,7 @@ def _changed_object_error(client, bucket_name: str, obj: str, entry: dict, recei
 
 
 def _client_for(emulator_root: str | None):
-    from trainer import gcs_emulator
+    from trainer.ops import gcs_emulator
 
     if emulator_root:
         return gcs_emulator.storage_client(gcs_emulator.ensure_running(emulator_root))

@@ -1,7 +1,7 @@
 """Ranking metrics of a predictions file, with MiniOneRec `calc.py` semantics.
 
 This is the eval's own implementation (`python -m trainer eval` writes its numbers into
-run_summary.json). `trainer/calc.py` is a second, independent implementation used by the
+run_summary.json). `trainer/ops/calc.py` is a second, independent implementation used by the
 cross-check; the two must not share code.
 
 Upstream `calc.py` behaviour reproduced here (read from MiniOneRec's calc.py):

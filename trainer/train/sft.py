@@ -21,18 +21,24 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from trainer import checkpoint, distributed, parallel, train_state
-from trainer.batching import left_pad, prompt_plus_response, response_ids
+from trainer.model import checkpoint
+
+from trainer.train import distributed
+
+from trainer.train import parallel
+
+from trainer.train import train_state
+from trainer.data.batching import left_pad, prompt_plus_response, response_ids
 from trainer.cli import base_parser
-from trainer.decode import check_num_beams
-from trainer.evaluate import build_records, predict_sid_rows
-from trainer.metrics import TOPK, compute_metrics
-from trainer.trie import build_trie
+from trainer.decode.beam import check_num_beams
+from trainer.eval.evaluate import build_records, predict_sid_rows
+from trainer.eval.metrics import TOPK, compute_metrics
+from trainer.decode.trie import build_trie
 from trainer.config import ConfigError, load_config
 from trainer.io_utils import atomic_write_json, md5_file, setup_logging
-from trainer.losses import response_logprobs
-from trainer.model import ModelConfig, build_model
-from trainer.optim import build_optimizer
+from trainer.train.losses import response_logprobs
+from trainer.model.qwen2 import ModelConfig, build_model
+from trainer.train.optim import build_optimizer
 from trainer.runlog import RunLog
 
 log = logging.getLogger("trainer")
@@ -51,7 +57,7 @@ def parse_best_metric(name: str) -> tuple[str, int | None]:
 
 
 def build_tokenizer(cfg: dict, catalog, texts: list[str]):
-    from trainer import tokenizer as tk
+    from trainer.data import tokenizer as tk
 
     if cfg["tokenizer"]["path"]:
         tok = tk.load_tokenizer(cfg["tokenizer"]["path"])
@@ -62,7 +68,7 @@ def build_tokenizer(cfg: dict, catalog, texts: list[str]):
 
 def encode_task(tok, prompts: list[str], sid_index: np.ndarray, sid_table, max_prompt_len: int, n_resp: int):
     """(ids, mask, prompt token lists): left-padded prompt + response, and the bare prompts."""
-    from trainer import tokenizer as tk
+    from trainer.data import tokenizer as tk
 
     encoded = [tk.encode_prompt(tok, p, max_prompt_len) for p in prompts]
     prompt_ids, prompt_mask = left_pad(encoded, tok.pad_token_id)
@@ -73,7 +79,9 @@ def encode_task(tok, prompts: list[str], sid_index: np.ndarray, sid_table, max_p
 
 def prepare_data(cfg: dict, data_dir: str) -> dict:
     """Process 0: read the dataset, build the tokenizer, encode both tasks as token arrays."""
-    from trainer import data as dt, prompts, tokenizer as tk
+    from trainer.data import readers as dt
+    from trainer.data import prompts
+    from trainer.data import tokenizer as tk
 
     catalog = dt.load_catalog(data_dir)
     train = dt.read_split(data_dir, "train", catalog, cfg["data"]["max_history"])
@@ -216,7 +224,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     elapsed = time.time() - t0
     if not main_proc:
         return None
-    from trainer import tokenizer as tk
+    from trainer.data import tokenizer as tk
 
     tk.save_tokenizer(tok, out)
     best_path.replace(out / "sft_best.msgpack")

@@ -14,7 +14,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from trainer import checkpoint, parallel
+from trainer.model import checkpoint
+
+
+# Keys that do not change what training computes; everything else must match to resume.
+
+from trainer.train import parallel
 
 
 # Keys that do not change what training computes; everything else must match to resume.

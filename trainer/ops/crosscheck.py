@@ -2,7 +2,7 @@
 
 Runs the calc script on the predictions file (`crosscheck.calc_script`, e.g.
 workdir/MiniOneRec/calc.py, with `crosscheck.python`; when unset, the built-in independent
-re-implementation `python -m trainer.calc`), parses what it prints, and compares every HR@K,
+re-implementation `python -m trainer.ops.calc`), parses what it prints, and compares every HR@K,
 NDCG@K and the invalid count with run_summary.json. calc_crosscheck.json is always written, also on
 failure, so the numbers can be inspected; any difference beyond tolerance, any invalid prediction
 or a failing script then stops with a table.
@@ -61,13 +61,13 @@ def calc_command(cfg: dict, predictions: str, info: str) -> tuple[str, list[str]
     script = cc.get("calc_script")
     if script:
         return f"external:{script}", [str(python), str(script), "--path", predictions, "--item_path", info]
-    return "builtin:trainer.calc", [str(python), "-m", "trainer.calc", "--path", predictions, "--item_path", info]
+    return "builtin:trainer.ops.calc", [str(python), "-m", "trainer.ops.calc", "--path", predictions, "--item_path", info]
 
 
 def _subprocess_env(tool: str) -> dict:
     env = dict(os.environ)
     if tool.startswith("builtin:"):
-        # The built-in runs as `-m trainer.calc`: make this package importable from any cwd.
+        # The built-in runs as `-m trainer.ops.calc`: make this package importable from any cwd.
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
@@ -191,7 +191,7 @@ def compare(calc: CalcOutput, summary: dict, summary_path: str, tolerance: float
 
 def _count_all_invalid(predictions: str, info: str) -> int:
     """Invalid SIDs over every beam (calc.py stops counting at the hit)."""
-    from trainer.metrics import compute_metrics, load_predictions, load_valid_sids
+    from trainer.eval.metrics import compute_metrics, load_predictions, load_valid_sids
 
     metrics = compute_metrics(load_predictions(predictions), load_valid_sids(info))
     return int(metrics["eval/invalid_prediction_count_all_beams"])
@@ -240,7 +240,7 @@ def run_crosscheck(predictions: str, summary_path: str, info: str, out: str, cfg
     script = cfg["crosscheck"].get("calc_script")
     if script and not Path(script).is_file():
         problems.append(f"calc script not found: {script} (set crosscheck.calc_script to MiniOneRec's "
-                        f"calc.py, or null for the built-in trainer.calc)")
+                        f"calc.py, or null for the built-in trainer.ops.calc)")
     else:
         log.info("crosscheck: %s", shlex.join(cmd))
         try:

@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from trainer import losses
+from trainer.train import losses
 from trainer.config import ConfigError
-from trainer.model import KVCache, init_cache
-from trainer.trie import LEVELS, SidTrie, children
+from trainer.model.qwen2 import KVCache, init_cache
+from trainer.decode.trie import LEVELS, SidTrie, children
 
 NEG_INF = -jnp.inf
 

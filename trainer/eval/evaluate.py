@@ -25,16 +25,16 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-from trainer import distributed
-from trainer.batching import left_pad
+from trainer.train import distributed
+from trainer.data.batching import left_pad
 from trainer.cli import base_parser
 from trainer.config import ConfigError, load_config
-from trainer.decode import check_num_beams, constrained_beam_search
+from trainer.decode.beam import check_num_beams, constrained_beam_search
 from trainer.errors import PredictionError, UserError
 from trainer.io_utils import atomic_write_json, md5_file, setup_logging
-from trainer.metrics import compute_metrics
-from trainer.model import ModelConfig, build_model
-from trainer.trie import SidTrie, build_trie
+from trainer.eval.metrics import compute_metrics
+from trainer.model.qwen2 import ModelConfig, build_model
+from trainer.decode.trie import SidTrie, build_trie
 
 log = logging.getLogger("trainer")
 PREDICTIONS_FILE = "eval_predictions.json"
@@ -92,8 +92,8 @@ def _check_beams(sid_rows: np.ndarray, scores: np.ndarray) -> None:
 
 
 def encode_prompts(tok, examples, max_prompt_len: int | None) -> tuple[list[str], list[list[int]]]:
-    from trainer.prompts import sequential_prompt
-    from trainer.tokenizer import encode_prompt
+    from trainer.data.prompts import sequential_prompt
+    from trainer.data.tokenizer import encode_prompt
 
     texts = [sequential_prompt(ex.history_sids) for ex in examples]
     return texts, [encode_prompt(tok, t, max_prompt_len or 1 << 30) for t in texts]
@@ -108,7 +108,7 @@ def build_records(texts: list[str], targets: list[str], sid_rows: np.ndarray, si
 def evaluate_examples(model, tok, catalog, examples, num_beams: int, batch_size: int,
                       max_prompt_len: int | None = None, progress: bool = False) -> tuple[list[dict], dict]:
     """Single-process evaluation (SFT/RL validation): (prediction records, compute_metrics dict)."""
-    from trainer.tokenizer import newline_id, sid_token_table
+    from trainer.data.tokenizer import newline_id, sid_token_table
 
     trie = build_trie(sid_token_table(tok, catalog.sids))
     texts, prompts = encode_prompts(tok, examples, max_prompt_len)
@@ -131,7 +131,7 @@ def verify_eval_copy(receipt: str | Path, checkpoint: str | Path, tokenizer_dir:
     before anything is loaded.
     """
     from trainer.errors import HandoffError
-    from trainer.handoff import load_receipt, verify_local
+    from trainer.ops.handoff import load_receipt, verify_local
 
     listed = {e["name"] for e in load_receipt(receipt)["files"]}
     paths = [Path(checkpoint)] + [Path(tokenizer_dir) / n for n in _TOKENIZER_FILES if n in listed]
@@ -145,10 +145,10 @@ def verify_eval_copy(receipt: str | Path, checkpoint: str | Path, tokenizer_dir:
 
 def _load_inputs(args) -> dict:
     """Process 0: read config, data, tokenizer and checkpoint; everything followers need."""
-    from trainer import data as dt
-    from trainer.checkpoint import load_into_model
-    from trainer.model import params_dict
-    from trainer.tokenizer import load_tokenizer, newline_id, sid_token_table
+    from trainer.data import readers as dt
+    from trainer.model.checkpoint import load_into_model
+    from trainer.model.qwen2 import params_dict
+    from trainer.data.tokenizer import load_tokenizer, newline_id, sid_token_table
 
     cfg = load_config(args.config, args.overrides)
     ev = cfg["eval"]

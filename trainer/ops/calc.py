@@ -1,7 +1,7 @@
-"""`python -m trainer.calc --path PREDICTIONS --item_path INFO`: MiniOneRec calc.py, re-implemented.
+"""`python -m trainer.ops.calc --path PREDICTIONS --item_path INFO`: MiniOneRec calc.py, re-implemented.
 
 The cross-check's built-in second opinion on the eval's metrics. It deliberately shares no code
-with `trainer.metrics` (two independent implementations catch each other's bugs) and reads only
+with `trainer.eval.metrics` (two independent implementations catch each other's bugs) and reads only
 the predictions file and the info file.
 
 What upstream calc.py does, and this tool reproduces (stdout is line-for-line the same):
@@ -114,7 +114,7 @@ def calc(path: str, item_path: str, out=sys.stdout) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.calc",
+        prog="python -m trainer.ops.calc",
         description="MiniOneRec calc.py metrics (HR@K, NDCG@K, invalid predictions) of a predictions file")
     parser.add_argument("--path", required=True, help="predictions JSON (list of {input, output, predict})")
     parser.add_argument("--item_path", required=True, help="info file: SID<TAB>title<TAB>item_id per line")

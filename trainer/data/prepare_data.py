@@ -18,7 +18,9 @@ import json
 import urllib.request
 from pathlib import Path
 
-from trainer import data, synthetic
+from trainer.data import readers as data
+
+from trainer.data import synthetic
 from trainer.cli import base_parser
 from trainer.config import load_config
 from trainer.errors import DataError

@@ -2,7 +2,7 @@
 
 Matches Hugging Face `Qwen2ForCausalLM` numerically: RMSNorm in fp32, rotate-half RoPE, grouped
 query attention with q/k/v bias, SwiGLU MLP, tied or untied LM head. Kernels are stored [in, out]
-(HF stores [out, in]; trainer.hf_io transposes).
+(HF stores [out, in]; trainer.model.hf_io transposes).
 
 Positions come from the attention mask (cumsum - 1), so left-padded batches get the same positions
 as unpadded sequences. The cache is a plain pytree passed in and returned, which keeps decode

@@ -1,0 +1,1 @@
+"""Constrained decoding: the on-device SID trie, beam search, sampling, sequence scoring."""

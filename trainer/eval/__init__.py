@@ -1,0 +1,1 @@
+"""Evaluation: constrained beam-search eval of a checkpoint and the MiniOneRec metrics."""

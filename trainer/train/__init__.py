@@ -1,0 +1,1 @@
+"""Training machinery: mesh, multi-process runtime, train state, optimizer, losses, SFT."""
