@@ -16,9 +16,7 @@ import yaml
 from flax import nnx
 
 from trainer.data import readers as dt
-
 from trainer.data import synthetic
-
 from trainer.data import tokenizer as tk
 from trainer.data.batching import left_pad
 from trainer.model.checkpoint import save_params

@@ -15,11 +15,8 @@ import pytest
 from flax import serialization
 
 from trainer.data import readers as dt
-
 from trainer.data import synthetic
-
 from trainer.data import tokenizer as tk
-
 from trainer.train import train_state
 from trainer.model.checkpoint import load_into_model
 from trainer.cli import main as cli_main

@@ -7,7 +7,6 @@ from collections import Counter, defaultdict
 import pytest
 
 from trainer.data import readers as data
-
 from trainer.data import synthetic
 from trainer.config import ConfigError
 

@@ -7,9 +7,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from trainer.data import readers as data
-
 from trainer.data import prompts
-
 from trainer.data import synthetic
 from trainer.data import tokenizer as T
 from trainer.errors import CheckpointError

@@ -19,7 +19,6 @@ import urllib.request
 from pathlib import Path
 
 from trainer.data import readers as data
-
 from trainer.data import synthetic
 from trainer.cli import base_parser
 from trainer.config import load_config

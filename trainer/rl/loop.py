@@ -22,11 +22,8 @@ from jax.sharding import NamedSharding
 from tqdm import tqdm
 
 from trainer.model import checkpoint
-
 from trainer.train import distributed
-
 from trainer.train import parallel
-
 from trainer.train import train_state
 from trainer.data.batching import left_pad
 from trainer.cli import base_parser

@@ -15,10 +15,6 @@ import jax
 import numpy as np
 
 from trainer.model import checkpoint
-
-
-# Keys that do not change what training computes; everything else must match to resume.
-
 from trainer.train import parallel
 
 
