@@ -5,7 +5,7 @@ import copy
 
 import pytest
 
-from trainer.config import DEFAULTS, ConfigError, load_config, parse_value
+from trainer.config import DEFAULTS, SCHEMA, ConfigError, load_config, parse_value
 from trainer.errors import UserError
 
 
@@ -100,15 +100,62 @@ def test_yaml_bad_files(tmp_path):
 
 
 def test_values_must_have_the_defaults_type(tmp_path):
-    with pytest.raises(ConfigError, match=r"'steps' must be int .* got 'abc'"):
+    with pytest.raises(ConfigError, match=r"'steps' must be an integer >= 1, got 'abc'"):
         load_config(None, ["steps=abc"])
-    with pytest.raises(ConfigError, match=r"'rl.kl_coef' must be float"):
+    with pytest.raises(ConfigError, match=r"'rl.kl_coef' must be a number >= 0, got True"):
         load_config(None, ["rl.kl_coef=true"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("sft: {steps: 1.5}\n")
-    with pytest.raises(ConfigError, match=r"bad.yaml: 'sft.steps' must be int"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: 'sft.steps' must be an integer"):
         load_config(bad)
     cfg = load_config(None, ["train.optimizer.lr_schedule.peak_value=1", "train.optimizer.clip_norm=null",
                              "wandb.enabled=false"])
     assert cfg["train"]["optimizer"]["lr_schedule"]["peak_value"] == 1.0
     assert cfg["train"]["optimizer"]["clip_norm"] is None and cfg["wandb"]["enabled"] is False
+
+
+def _leaves(tree, prefix=""):
+    for k, v in tree.items():
+        yield from _leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+
+
+def test_every_key_has_a_type_and_the_defaults_pass_it():
+    leaves = dict(_leaves(DEFAULTS))
+    assert sorted(leaves) == sorted(SCHEMA)
+    for key, default in leaves.items():
+        assert SCHEMA[key].check(key, default, "DEFAULTS") == default
+        if default is None:
+            assert SCHEMA[key].nullable, key
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("eval.max_samples=abc", "'eval.max_samples' must be an integer >= 1 or null, got 'abc'"),
+    ("eval.max_samples=-392", "'eval.max_samples' must be an integer >= 1 or null, got -392"),
+    ("eval.max_samples=0", "'eval.max_samples' must be an integer >= 1 or null, got 0"),
+    ("model.head_dim=abc", "'model.head_dim' must be an integer >= 1 or null, got 'abc'"),
+    ("model.vocab_size=1.5", "'model.vocab_size' must be an integer >= 1 or null, got 1.5"),
+    ("train.optimizer.lr_schedule.warmup_steps=-1", "'train.optimizer.lr_schedule.warmup_steps' must be an integer >= 0"),
+    ("tokenizer.path=3", "'tokenizer.path' must be a string or null, got 3"),
+    ("init.checkpoint=[a]", "'init.checkpoint' must be a string or null, got ['a']"),
+    ("crosscheck.tolerance=-1e-3", "'crosscheck.tolerance' must be a number >= 0, got -0.001"),
+    ("crosscheck.calc_script=true", "'crosscheck.calc_script' must be a string or null, got True"),
+    ("rollout.temperature=0", "'rollout.temperature' must be a number > 0, got 0.0"),
+    ("train.optimizer.lr_schedule.warmup_ratio=1.5", "warmup_ratio' must be a number in [0, 1], got 1.5"),
+    ("model.dtype=float33", "'model.dtype' must be one of 'float32', 'bfloat16', 'float16', got 'float33'"),
+    ("eval.split=tset", "'eval.split' must be one of 'train', 'valid', 'test', got 'tset'"),
+    ("wandb.enabled=maybe", "'wandb.enabled' must be true/false or 'auto', got 'maybe'"),
+    ("steps=null", "'steps' must be an integer >= 1, got None"),
+    ("sft.batch_size=true", "'sft.batch_size' must be an integer >= 1, got True"),
+])
+def test_bad_values_name_the_key_and_the_expected_type(assignment, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [assignment])
+    assert message in str(e.value)
+
+
+def test_null_default_keys_take_their_declared_type():
+    cfg = load_config(None, ["eval.max_samples=5", "model.head_dim=16", "model.vocab_size=300",
+                             "train.optimizer.lr_schedule.warmup_steps=0", "crosscheck.python=python3",
+                             "wandb.enabled=auto", "checkpoint_every_steps=0"])
+    assert cfg["eval"]["max_samples"] == 5 and cfg["model"]["head_dim"] == 16
+    assert cfg["train"]["optimizer"]["lr_schedule"]["warmup_steps"] == 0

@@ -13,7 +13,9 @@ from typing import Any
 
 import yaml
 
-from trainer.errors import UserError
+from trainer.config_types import Bool, Choice, ConfigError, Float, Int, Spec, Str
+
+__all__ = ["ConfigError", "DEFAULTS", "SCHEMA", "load_config", "parse_value"]
 
 # Defaults target the offline demo (tiny model on synthetic data); experiment YAMLs override them.
 DEFAULTS: dict[str, Any] = {
@@ -99,8 +101,75 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class ConfigError(UserError):
-    """A config file or override names an unknown key or holds a bad value."""
+# What every key accepts (trainer/config_types.py). Keys whose default is null say what else they
+# take; counts are >= 1, or >= 0 where 0 means "off". Choices are listed where no registry checks them.
+SCHEMA = {
+    "seed": Int(min=0),
+    "output_dir": Str(),
+    "model.vocab_size": Int(min=1, nullable=True),
+    "model.hidden_size": Int(min=1),
+    "model.intermediate_size": Int(min=1),
+    "model.num_layers": Int(min=1),
+    "model.num_heads": Int(min=1),
+    "model.num_kv_heads": Int(min=1),
+    "model.head_dim": Int(min=1, nullable=True),
+    "model.rope_theta": Float(min=0, exclusive_min=True),
+    "model.rms_norm_eps": Float(min=0, exclusive_min=True),
+    "model.tie_word_embeddings": Bool(),
+    "model.max_position_embeddings": Int(min=1),
+    "model.dtype": Choice("float32", "bfloat16", "float16"),
+    "model.param_dtype": Choice("float32", "bfloat16", "float16"),
+    "data.dir": Str(),
+    "data.max_history": Int(min=1, nullable=True),
+    "data.max_prompt_len": Int(min=1),
+    "data.alignment_task": Bool(),
+    "synthetic.num_items": Int(min=1),
+    "synthetic.num_users": Int(min=1),
+    "synthetic.num_groups": Int(min=1),
+    "synthetic.seed": Int(min=0),
+    "tokenizer.path": Str(nullable=True),
+    "tokenizer.bpe_vocab_size": Int(min=1),
+    "init.checkpoint": Str(nullable=True),
+    "mesh.data": Int(min=-1),
+    "mesh.fsdp": Int(min=1),
+    "train.optimizer.name": Str(),  # checked against trainer/train/optim.py OPTIMIZERS
+    "train.optimizer.clip_norm": Float(min=0, nullable=True),  # null or 0: no clipping
+    "train.optimizer.weight_decay": Float(min=0),
+    "train.optimizer.lr_schedule.type": Str(),  # checked against optim.SCHEDULES
+    "train.optimizer.lr_schedule.peak_value": Float(min=0),
+    "train.optimizer.lr_schedule.warmup_ratio": Float(min=0, max=1),
+    "train.optimizer.lr_schedule.warmup_steps": Int(min=0, nullable=True),  # null: from warmup_ratio
+    "train.optimizer.lr_schedule.init_value": Float(min=0),
+    "train.optimizer.lr_schedule.end_value": Float(min=0),
+    "sft.steps": Int(min=1),
+    "sft.batch_size": Int(min=1),
+    "sft.eval_every": Int(min=1),
+    "sft.eval_samples": Int(min=1),
+    "sft.best_metric": Str(),  # checked by trainer/train/sft.py parse_best_metric
+    "sft.checkpoint_every": Int(min=1),
+    "steps": Int(min=1),
+    "eval_every_steps": Int(min=0),  # 0: no in-training validation
+    "checkpoint_every_steps": Int(min=0),  # 0: no train-state checkpoints
+    "rollout.batch_size": Int(min=1),
+    "rollout.n": Int(min=1),
+    "rollout.max_length_sample": Int(min=1),
+    "rollout.mode": Str(),  # checked against trainer/rl/rollout.py MODES
+    "rollout.temperature": Float(min=0, exclusive_min=True),
+    "rl.kl_coef": Float(min=0),
+    "rl.clip_eps": Float(min=0),
+    "rl.reward": Str(),  # checked against trainer/rl/reward.py REWARDS
+    "rl.updates_per_rollout": Int(min=1),
+    "rl.adv_eps": Float(min=0),
+    "eval.split": Choice("train", "valid", "test"),
+    "eval.num_beams": Int(min=1),
+    "eval.batch_size": Int(min=1),
+    "eval.max_samples": Int(min=1, nullable=True),  # null: the whole split
+    "crosscheck.calc_script": Str(nullable=True),  # null: the built-in trainer.ops.calc
+    "crosscheck.tolerance": Float(min=0),
+    "crosscheck.python": Str(nullable=True),  # null: this interpreter
+    "wandb.project": Str(),
+    "wandb.enabled": Spec(bool, also=("auto",)),
+}
 
 
 def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
@@ -119,20 +188,13 @@ def _unknown_key_error(key: str, source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown config key '{key}'{hint}")
 
 
-# Keys whose default's type is not the only one accepted.
-_ALSO_ACCEPTS = {"wandb.enabled": (bool,)}
+def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+    return [k for k in _flat_keys(tree, prefix) if not isinstance(_default_at(k), dict)]
 
 
-def _check_type(path: str, default, value, source: str):
-    """A value must have its default's type (ints pass for floats); null is always accepted."""
-    if default is None or value is None or isinstance(value, _ALSO_ACCEPTS.get(path, ())):
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if type(value) is not type(default):
-        raise ConfigError(f"{source}: '{path}' must be {type(default).__name__} (like the default "
-                          f"{default!r}), got {value!r}")
-    return value
+def _check_type(path: str, value, source: str):
+    """A value must be what SCHEMA declares for its key (ints pass for floats)."""
+    return SCHEMA[path].check(path, value, source)
 
 
 def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
@@ -145,7 +207,7 @@ def _merge(base: dict, update: dict, source: str, prefix: str = "") -> None:
                 raise ConfigError(f"{source}: '{path}' must be a mapping, got {v!r}")
             _merge(base[k], v, source, path + ".")
         else:
-            base[k] = _check_type(path, _default_at(path), v, source)
+            base[k] = _check_type(path, v, source)
 
 
 def _default_at(path: str):
@@ -153,6 +215,11 @@ def _default_at(path: str):
     for part in path.split("."):
         node = node[part]
     return node
+
+
+if sorted(_leaf_keys(DEFAULTS)) != sorted(SCHEMA):  # a key added to one table and not the other
+    raise AssertionError(f"trainer.config: DEFAULTS and SCHEMA differ in "
+                         f"{sorted(set(_leaf_keys(DEFAULTS)) ^ set(SCHEMA))}")
 
 
 class _Loader(yaml.SafeLoader):
@@ -189,7 +256,7 @@ def apply_override(cfg: dict, assignment: str) -> None:
         if i == len(parts) - 1:
             if isinstance(default_node[part], dict):
                 raise ConfigError(f"--set '{key}': is a section; set one of its keys")
-            node[part] = _check_type(key.strip(), default_node[part], parse_value(text), "--set")
+            node[part] = _check_type(key.strip(), parse_value(text), "--set")
         else:
             node, default_node = node[part], default_node[part]
 
