@@ -85,6 +85,9 @@ def test_upload_receipt_download_round_trip(gcs_emulator, gcs_client, gcs_uri, t
     assert result["status"] == "downloaded"
     assert dest.read_bytes() == files[0].read_bytes()
     assert no_partials(dest.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~umask  # like every other output, not mkstemp's 0600
 
     # A rerun with a matching local copy does nothing (not even touch the file).
     mtime = dest.stat().st_mtime_ns

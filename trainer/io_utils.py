@@ -5,6 +5,7 @@ name in the same directory and renamed into place.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -12,23 +13,32 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str | Path, suffix: str = ".tmp") -> Iterator[tuple[BinaryIO, Path]]:
+    """Yield (file, temporary path) next to `path`; on a clean exit the bytes are fsynced, given
+    the mode every output has (0666 & ~umask; mkstemp makes 0600) and renamed to `path`. An
+    exception (a failed check inside the block included) removes the temporary file instead."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f, Path(tmp)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared artifacts
+        os.chmod(tmp, 0o666 & ~_umask())  # outputs are shared artifacts
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_file(path) as (f, _):
+        f.write(data)
 
 
 def _umask() -> int:
