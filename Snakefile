@@ -1,8 +1,9 @@
 # sidrl: GRPO-style RL of a semantic-ID recommender, from SFT best to metrics.json.
 #   snakemake results/demo/metrics.json        (offline default: synthetic data, tiny model)
 #   snakemake -n results/office/metrics.json   (plan; shows where each job runs)
-# Stages: prepare_data -> sft (or import of an HF checkpoint) -> rl_train -> gcs_copy -> eval_copy
-#         -> evaluate (RL and SFT best) -> crosscheck -> metrics.   See README.md and DESIGN.md.
+# Stages: prepare_data -> sft (or sft_import of an HF checkpoint) -> rl_train -> gcs_copy -> eval_copy
+#         -> evaluate {rl, sft} -> crosscheck {rl, sft} -> metrics.   See README.md and docs/internals.md.
+# Each rule names its files and calls one thin script in workflow/scripts/; the logic is in trainer/.
 import os
 
 import yaml
@@ -26,6 +27,9 @@ include: "rules/rl.smk"
 include: "rules/handoff.smk"
 include: "rules/eval.smk"
 include: "rules/report.smk"
+
+# Small bookkeeping steps run where Snakemake runs, never on a slice.
+localrules: prepare_data, crosscheck, metrics
 
 
 rule all:

@@ -1,20 +1,19 @@
-# Shared helpers for the rules: dataset lookup, trainer config layers, overrides.
-# Paths of artifacts are always taken from {input}/{output} (never spelled out in a command): with a
-# default storage provider (profiles/tpu: GCS) they live under .snakemake/storage/..., not data/ or runs/.
+# Shared helpers for the rules: dataset lookup, trainer config layers, placement messages.
+# Paths of artifacts are always taken from input/output (never spelled out again): with a default
+# storage provider (profiles/tpu: GCS) they live under .snakemake/storage/..., not data/ or runs/.
 import hashlib
 import os
-import sys
 from pathlib import Path
 
 from snakemake_executor_plugin_tpu.slices import placement
-from trainer.ops.workflow_config import check_workflow_config, stage_configs
-
-PY = sys.executable  # the interpreter running Snakemake runs every trainer command
+from trainer.data.tokenizer import TOKENIZER_FILES
+from trainer.ops.workflow_config import check_workflow_config, prepare_data_args, stage_configs
 
 check_workflow_config(config)  # every dataset's trainer configs load: bad keys fail before any job
 
 wildcard_constraints:
     ds="|".join(config["datasets"]),
+    model="rl|sft",
 
 
 # With a default storage provider every input is an object there, but the trainer YAML layers are
@@ -40,21 +39,20 @@ def stage_digest(stage):
     return digest
 
 
+def trainer_args(stage):
+    """Params function: --config FILE ... --set KEY=VALUE ... of a stage's trainer command (an
+    override change reruns that stage)."""
+    def args(w):
+        files = [a for f in stage_configs(config, w.ds, stage) for a in ("--config", f)]
+        return files + [a for o in config["overrides"].get(stage, []) for a in ("--set", o)]
+    return args
+
+
 def parent(path):
     """Directory of an input/output file (where it really is, default storage included)."""
     return os.path.dirname(str(path)) or "."
 
 
-def config_args(stage):
-    """--config FILE ... --set KEY=VALUE ... for a stage's trainer command (a rule param, so an
-    override change reruns that stage)."""
-    def args(w):
-        files = " ".join(f"--config {f}" for f in stage_configs(config, w.ds, stage))
-        sets = " ".join(f"--set '{o}'" for o in config["overrides"].get(stage, []))
-        return f"{files} {sets}".strip()
-    return args
-
-
 def where(rule_name, slice_id=None):
     """Rule message naming where the job runs (shown by `snakemake -n`)."""
-    return f"{rule_name} {{wildcards.ds}}: " + placement(config.get("slices", {}), slice_id)
+    return f"{rule_name} {{wildcards}}: " + placement(config.get("slices", {}), slice_id)

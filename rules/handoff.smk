@@ -1,9 +1,4 @@
-EVAL_COPY_FILES = ["sft_state_rl_last.msgpack", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
-
-
-def emulator_flag(w=None):
-    root = config["handoff"].get("emulator_root")
-    return f"--emulator-root {root}" if root else ""
+EVAL_COPY_FILES = ["sft_state_rl_last.msgpack", *TOKENIZER_FILES]
 
 
 rule gcs_copy:
@@ -12,17 +7,19 @@ rule gcs_copy:
     input:
         expand("runs/{{ds}}/rl/{name}", name=RL_FILES),
     output:
-        "handoff/{ds}/gcs_copy.json",
+        receipt="handoff/{ds}/gcs_copy.json",
     params:
         uri=lambda w: f"{config['handoff']['uri'].rstrip('/')}/{w.ds}",
-        flags=lambda w: " ".join(filter(None, [emulator_flag(), "--overwrite" if config["handoff"].get("overwrite") else "",
-                                               f"--workers {config['handoff'].get('workers', 4)}"])),
+        emulator_root=config["handoff"].get("emulator_root"),
+        overwrite=bool(config["handoff"].get("overwrite")),
+        workers=config["handoff"].get("workers", 4),
     log:
         "logs/gcs_copy/{ds}.log",
     benchmark:
         "benchmarks/gcs_copy/{ds}.tsv"
-    shell:
-        "{PY} -m trainer handoff-upload --files {input} --uri {params.uri} --receipt {output} {params.flags} > {log} 2>&1"
+    retries: 2  # network; the upload is no-clobber and skips identical objects
+    script:
+        "../workflow/scripts/gcs_copy.py"
 
 
 # A deleted eval copy is, like any Snakemake intermediate, not fetched again while everything after
@@ -33,17 +30,17 @@ rule eval_copy:
     message:
         where("eval_copy")
     input:
-        "handoff/{ds}/gcs_copy.json",
+        receipt=rules.gcs_copy.output.receipt,
     output:
         expand("workdir/checkpoints/{{ds}}/{name}", name=EVAL_COPY_FILES),
     params:
-        flags=emulator_flag,
-        names=" ".join(EVAL_COPY_FILES),
+        names=EVAL_COPY_FILES,
         dest=lambda w, output: parent(output[0]),
+        emulator_root=config["handoff"].get("emulator_root"),
     log:
         "logs/eval_copy/{ds}.log",
     benchmark:
         "benchmarks/eval_copy/{ds}.tsv"
-    shell:
-        "{PY} -m trainer handoff-download --receipt {input} --name {params.names}"
-        " --dest {params.dest} {params.flags} > {log} 2>&1"
+    retries: 2  # network; the download is atomic and verified
+    script:
+        "../workflow/scripts/eval_copy.py"

@@ -2,14 +2,14 @@ rule metrics:
     message:
         where("metrics")
     input:
-        rl_eval="results/{ds}/run_summary.json",
+        rl_eval="results/{ds}/rl/run_summary.json",
         sft_eval="results/{ds}/sft/run_summary.json",
-        crosscheck="results/{ds}/calc_crosscheck.json",
+        crosscheck="results/{ds}/rl/calc_crosscheck.json",
         sft_crosscheck="results/{ds}/sft/calc_crosscheck.json",
-        receipt="handoff/{ds}/gcs_copy.json",
+        receipt=rules.gcs_copy.output.receipt,
         rl_run="runs/{ds}/rl/run_summary.json",
         sft_run="runs/{ds}/sft/run_summary.json",
-        rl_curves="runs/{ds}/rl/metrics.jsonl",
+        rl_curves=rules.rl_train.output.curves,
         eval_copy="workdir/checkpoints/{ds}/sft_state_rl_last.msgpack",
     output:
         metrics="results/{ds}/metrics.json",
@@ -19,8 +19,5 @@ rule metrics:
         plots=lambda w, output: parent(output.curves),
     log:
         "logs/metrics/{ds}.log",
-    shell:
-        "{PY} -m trainer metrics --dataset {wildcards.ds} --rl-eval {input.rl_eval} --sft-eval {input.sft_eval}"
-        " --crosscheck {input.crosscheck} --sft-crosscheck {input.sft_crosscheck} --receipt {input.receipt}"
-        " --rl-run {input.rl_run} --sft-run {input.sft_run} --rl-curves {input.rl_curves}"
-        " --eval-copy {input.eval_copy} --out {output.metrics} --plots {params.plots} > {log} 2>&1"
+    script:
+        "../workflow/scripts/metrics.py"

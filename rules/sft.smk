@@ -1,13 +1,8 @@
-SFT_FILES = ["sft_best.msgpack", "run_summary.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"]
-
-
-def sft_command(w, input, output):
-    """Train an SFT best, or import the user's Hugging Face checkpoint (config sft_import.DS)."""
-    hf = config.get("sft_import", {}).get(w.ds)
-    out = parent(output[0])
-    if hf:
-        return f"{PY} -m trainer import-hf {hf} --out {out}"
-    return f"{PY} -m trainer sft {config_args('sft')(w)} --data {parent(input.data[0])} --set output_dir={out}"
+# The SFT best: trained here (rule sft), or the user's Hugging Face checkpoint (config
+# sft_import: {DS: DIR}, rule sft_import). Each dataset is produced by exactly one of the two.
+SFT_FILES = ["sft_best.msgpack", "run_summary.json", *TOKENIZER_FILES]
+IMPORTED = "|".join(config.get("sft_import") or {}) or "(?!)"  # (?!) matches nothing
+TRAINED = "|".join(d for d in config["datasets"] if d not in (config.get("sft_import") or {})) or "(?!)"
 
 
 rule sft:
@@ -19,13 +14,35 @@ rule sft:
     output:
         expand("runs/{{ds}}/sft/{name}", name=SFT_FILES),
     params:
-        cmd=sft_command,
+        trainer_args=trainer_args("sft"),
         layers=stage_digest("sft"),
+        data=lambda w, input: parent(input.data[0]),
+        out=lambda w, output: parent(output[0]),
+    wildcard_constraints:
+        ds=TRAINED,
     resources:
         tpu="train",
     log:
         "logs/sft/{ds}.log",
     benchmark:
         "benchmarks/sft/{ds}.tsv"
-    shell:
-        "{params.cmd} > {log} 2>&1"
+    script:
+        "../workflow/scripts/sft.py"
+
+
+rule sft_import:
+    message:
+        where("sft_import")
+    output:
+        expand("runs/{{ds}}/sft/{name}", name=SFT_FILES),
+    params:
+        hf_dir=lambda w: config["sft_import"][w.ds],
+        out=lambda w, output: parent(output[0]),
+    wildcard_constraints:
+        ds=IMPORTED,
+    log:
+        "logs/sft_import/{ds}.log",
+    benchmark:
+        "benchmarks/sft_import/{ds}.tsv"
+    script:
+        "../workflow/scripts/sft_import.py"

@@ -22,8 +22,8 @@ from tests.workflow_helpers import (EMULATOR_ROOT, SMALL_OVERRIDES, clone_run, d
                                     shared_demo_run, snakemake, snakemake_env, stop_emulator)
 from trainer.ops import gcs_emulator
 
-ALL_RULES = ["prepare_data", "sft", "evaluate_sft", "crosscheck_sft", "rl_train", "gcs_copy", "eval_copy",
-             "evaluate", "crosscheck", "metrics"]
+ALL_RULES = ["prepare_data", "sft", "rl_train", "gcs_copy", "eval_copy", "evaluate", "evaluate", "crosscheck",
+             "crosscheck", "metrics"]
 AMAZON = Path("/work/shared/minionerec-data/data/Amazon")
 OFFICE_VALID = AMAZON / "valid" / "Office_Products_5_2016-10-2018-11.csv"
 
@@ -64,8 +64,8 @@ def assert_complete_run(wd: Path, ds: str, proc: subprocess.CompletedProcess) ->
     assert metrics["crosscheck"]["passed"] is True
     assert metrics["invalid_prediction_count"] == 0
     assert metrics["sft_best"]["invalid_prediction_count"] == 0
-    for which in ("", "sft/"):
-        check = read_json(wd / f"results/{ds}/{which}calc_crosscheck.json")
+    for model in ("rl", "sft"):
+        check = read_json(wd / f"results/{ds}/{model}/calc_crosscheck.json")
         assert check["passed"] is True and check["invalid_count"] == 0, check
     assert metrics["rl_training"]["process_count"] == 4
     assert 0.0 <= metrics["hr@10"] <= 1.0 and 0.0 <= metrics["ndcg@10"] <= metrics["hr@10"]
@@ -76,7 +76,7 @@ def assert_complete_run(wd: Path, ds: str, proc: subprocess.CompletedProcess) ->
     ckpt_md5 = md5(wd / f"runs/{ds}/rl/sft_state_rl_last.msgpack")
     assert by_name["sft_state_rl_last.msgpack"]["md5"] == ckpt_md5
     assert md5(wd / f"workdir/checkpoints/{ds}/sft_state_rl_last.msgpack") == ckpt_md5
-    assert read_json(wd / f"results/{ds}/run_summary.json")["checkpoint_md5"] == ckpt_md5
+    assert read_json(wd / f"results/{ds}/rl/run_summary.json")["checkpoint_md5"] == ckpt_md5
     assert metrics["provenance"]["eval_checkpoint_md5"] == ckpt_md5
     for png in ("rl_curves.png", "rl_vs_sft.png"):
         assert (wd / f"results/{ds}/plots/{png}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -151,9 +151,9 @@ def test_num_beams_change_reruns_only_evaluation(demo_run):
     proc = snakemake(wd, "-n", "results/demo/metrics.json", overrides=changed)
     assert proc.returncode == 0, describe(proc)
     assert planned_rules(output_of(proc)) == Counter(
-        ["evaluate", "evaluate_sft", "crosscheck", "crosscheck_sft", "metrics"])
-    reasons = re.findall(r"Job \d+: (evaluate\w*) demo.*\nReason: (.*)", output_of(proc))
-    assert sorted(r for r, _ in reasons) == ["evaluate", "evaluate_sft"]
+        ["evaluate", "evaluate", "crosscheck", "crosscheck", "metrics"])
+    reasons = re.findall(r"Job \d+: evaluate ds=demo,model=(\w+).*\nReason: (.*)", output_of(proc))
+    assert sorted(m for m, _ in reasons) == ["rl", "sft"]
     assert all(why.startswith("Params have changed") and "eval.num_beams=5" in why for _, why in reasons)
 
 

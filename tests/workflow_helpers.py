@@ -1,6 +1,6 @@
 """Helpers for the workflow tests: run the real Snakefile in a scratch copy of the repository.
 
-A scratch workflow holds copies of Snakefile, rules/, config/ and profiles/ (the trainer and the
+A scratch workflow holds copies of Snakefile, rules/, workflow/, config/ and profiles/ (the trainer and the
 executor plugin are imported from the venv), so every run has its own data/, runs/, results/,
 .snakemake/ and GCS emulator root (the default `workdir/gcs-emulator`, relative, hence inside
 the copy). The demo is shrunk with `--config` overrides; Snakemake merges nested mappings given
@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-WORKFLOW_FILES = ("Snakefile", "rules", "config", "profiles")
+WORKFLOW_FILES = ("Snakefile", "rules", "workflow", "config", "profiles")
 EMULATOR_ROOT = "workdir/gcs-emulator"  # config.yaml's handoff.emulator_root, relative to the workflow dir
 RUN_TIMEOUT_S = 1500  # a whole shrunk graph with 4-process jobs, on a busy 2-core machine
 
@@ -45,8 +45,8 @@ def graph_artifacts(ds: str) -> list[str]:
         *(f"runs/{ds}/rl/{n}" for n in CHECKPOINT_FILES + ["run_summary.json", "metrics.jsonl"]),
         f"handoff/{ds}/gcs_copy.json",
         *(f"workdir/checkpoints/{ds}/{n}" for n in CHECKPOINT_FILES),
-        *(f"results/{ds}/{n}" for n in ("eval_predictions.json", "run_summary.json", "calc_crosscheck.json")),
-        *(f"results/{ds}/sft/{n}" for n in ("eval_predictions.json", "run_summary.json", "calc_crosscheck.json")),
+        *(f"results/{ds}/{model}/{n}" for model in ("rl", "sft")
+          for n in ("eval_predictions.json", "run_summary.json", "calc_crosscheck.json")),
         f"results/{ds}/metrics.json",
         f"results/{ds}/plots/rl_curves.png",
         f"results/{ds}/plots/rl_vs_sft.png",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from trainer.errors import UserError
@@ -46,3 +47,32 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def rule_argv(command: str, trainer_args=(), *args, **flags) -> list[str]:
+    """COMMAND, the rule's trainer config layers, ARGS, then each flag as `--name value...`
+    (underscores as dashes; None, False and empty lists left out; True as a bare flag)."""
+    argv = [command, *map(str, trainer_args), *map(str, args)]
+    for name, value in flags.items():
+        if value is None or value is False or (isinstance(value, (list, tuple)) and not value):
+            continue
+        argv.append("--" + name.replace("_", "-"))
+        if value is not True:
+            argv.extend(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])
+    return argv
+
+
+def run_rule(smk, command: str, *args, **flags) -> None:
+    """Entry of every workflow/scripts/*.py: run `python -m trainer COMMAND ...` in this process.
+
+    The rule's `params.trainer_args` (its --config/--set layers, when it has them) come first; stdout
+    and stderr (JAX's C++ logs included) go to the rule's log; a non-zero exit fails the job.
+    """
+    if smk.log:
+        sys.stdout.flush(), sys.stderr.flush()
+        fd = os.open(str(smk.log[0]), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1), os.dup2(fd, 2)
+    code = main(rule_argv(command, smk.params.get("trainer_args", []), *args, **flags))
+    sys.stdout.flush(), sys.stderr.flush()
+    if code:
+        sys.exit(code)

@@ -1,7 +1,16 @@
 """Token arrays for training and decoding: left-padded prompts with the response at the end."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+PROMPT_LENGTH_BUCKET = 8  # prompt lengths round up to a multiple of this: fewer shapes to compile
+
+
+def bucketed_length(seqs: list[list[int]]) -> int:
+    """The padded length for a set of prompts: the longest, rounded up to the bucket."""
+    return math.ceil(max(len(s) for s in seqs) / PROMPT_LENGTH_BUCKET) * PROMPT_LENGTH_BUCKET
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from trainer.train import distributed
-from trainer.data.batching import left_pad
+from trainer.data.batching import bucketed_length, left_pad
+from trainer.data.tokenizer import TOKENIZER_FILES
 from trainer.cli import base_parser
 from trainer.config import ConfigError, load_config
 from trainer.decode.beam import check_num_beams, constrained_beam_search
@@ -39,7 +40,6 @@ from trainer.decode.trie import SidTrie, build_trie
 log = logging.getLogger("trainer")
 PREDICTIONS_FILE = "eval_predictions.json"
 SUMMARY_FILE = "run_summary.json"
-_LENGTH_BUCKET = 8  # prompt length is rounded up to this, fewer distinct shapes to compile
 
 
 def _local_mesh() -> Mesh | None:
@@ -65,7 +65,7 @@ def predict_sid_rows(model, prompts: list[list[int]], pad_id: int, trie: SidTrie
         batch_size = math.ceil(batch_size / mesh.size) * mesh.size
         graphdef, state = nnx.split(model)  # a replicated copy; the caller's model is left as is
         model = nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, P())))
-    length = math.ceil(max(len(p) for p in prompts) / _LENGTH_BUCKET) * _LENGTH_BUCKET
+    length = bucketed_length(prompts)
     rows, scores = [], []
     for start in tqdm(range(0, n, batch_size), desc="eval", unit="batch", disable=not progress):
         chunk = prompts[start:start + batch_size]
@@ -120,9 +120,6 @@ def evaluate_examples(model, tok, catalog, examples, num_beams: int, batch_size:
 
 # ----------------------------------------------------------------------------- CLI
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-
-
 def verify_eval_copy(receipt: str | Path, checkpoint: str | Path, tokenizer_dir: str | Path) -> None:
     """The local eval copy must be byte-identical to what the GCS receipt records.
 
@@ -134,7 +131,7 @@ def verify_eval_copy(receipt: str | Path, checkpoint: str | Path, tokenizer_dir:
     from trainer.ops.handoff import load_receipt, verify_local
 
     listed = {e["name"] for e in load_receipt(receipt)["files"]}
-    paths = [Path(checkpoint)] + [Path(tokenizer_dir) / n for n in _TOKENIZER_FILES if n in listed]
+    paths = [Path(checkpoint)] + [Path(tokenizer_dir) / n for n in TOKENIZER_FILES if n in listed]
     for path in paths:
         try:
             verify_local(receipt, path.name, path)

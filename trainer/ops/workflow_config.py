@@ -9,6 +9,7 @@ from pathlib import Path
 from trainer.config import ConfigError, load_config
 
 STAGES = ("sft", "rl", "eval")
+DOWNLOAD_REPO = "https://github.com/AkaliKong/MiniOneRec"
 
 
 def stage_configs(config: dict, ds: str, stage: str) -> list[str]:
@@ -57,6 +58,22 @@ def coerce_cli_scalars(config, schema: dict):
         if isinstance(value, allowed) and not (isinstance(value, bool) and "boolean" not in types):
             return value
     return config
+
+
+def prepare_data_args(config: dict, ds: str) -> list[str]:
+    """`prepare-data` arguments for dataset `ds`: the synthetic generator's settings, or where
+    MiniOneRec's files are and the pinned download that fills in missing ones."""
+    spec = config["datasets"][ds]
+    if spec["source"] == "synthetic":
+        sets = [f"synthetic.{k}={v}" for k, v in spec.get("synthetic", {}).items()]
+        return ["--synthetic", *(a for s in sets for a in ("--set", s))]
+    args = ["--minionerec-root", config["data_root"], "--name", spec["name"],
+            "--train-from", config.get("train_from", "train")]
+    dl = config.get("minionerec_download") or {}
+    if dl.get("commit"):  # files missing under data_root are fetched at this commit, checksum-verified
+        args += ["--download-commit", dl["commit"], "--download-repo", dl.get("repo", DOWNLOAD_REPO),
+                 "--sha256-file", dl.get("sha256", "config/minionerec_sha256.yaml")]
+    return args
 
 
 def check_workflow_config(config: dict) -> None:

@@ -10,8 +10,8 @@ uninterrupted run does.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -25,7 +25,8 @@ from trainer.model import checkpoint
 from trainer.train import distributed
 from trainer.train import parallel
 from trainer.train import train_state
-from trainer.data.batching import left_pad
+from trainer.data.batching import bucketed_length, left_pad
+from trainer.data.tokenizer import TOKENIZER_FILES
 from trainer.cli import base_parser
 from trainer.config import ConfigError, load_config
 from trainer.io_utils import atomic_write_bytes, atomic_write_json, md5_file, setup_logging
@@ -37,12 +38,26 @@ from trainer.decode.trie import build_trie
 
 log = logging.getLogger("trainer")
 CHECKPOINT_FILE = "sft_state_rl_last.msgpack"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-_LENGTH_BUCKET = 8
 
 
-def prepare_inputs(cfg: dict, data_dir: str) -> dict:
-    """Process 0: everything the other processes need, as plain arrays."""
+@dataclass(frozen=True)
+class RLInputs:
+    """What process 0 reads (data, tokenizer, init checkpoint) and every process needs, as arrays."""
+    model_cfg: dict
+    params: dict
+    prompt_ids: np.ndarray
+    prompt_mask: np.ndarray
+    targets: np.ndarray  # catalog index of each prompt's target SID
+    sid_table: np.ndarray
+    newline_id: int
+    init_md5: str
+    tokenizer_dir: str
+    num_sids: int
+    valid: dict | None  # in-training validation rows, None when off
+
+
+def prepare_inputs(cfg: dict, data_dir: str) -> RLInputs:
+    """Process 0: read and encode everything the run needs."""
     from trainer.data import readers as dt
     from trainer.data import tokenizer as tk
     from trainer.eval.evaluate import encode_prompts
@@ -57,21 +72,17 @@ def prepare_inputs(cfg: dict, data_dir: str) -> dict:
     if not examples:
         raise ConfigError(f"{data_dir}/train.csv has no rows to train on")
     tok = tk.load_tokenizer(tok_dir)
-    sid_pos = catalog.sid_index
     _, encoded = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"])
-    length = -(-max(len(p) for p in encoded) // _LENGTH_BUCKET) * _LENGTH_BUCKET
-    prompt_ids, prompt_mask = left_pad(encoded, tok.pad_token_id, length)
+    prompt_ids, prompt_mask = left_pad(encoded, tok.pad_token_id, bucketed_length(encoded))
     mcfg = ModelConfig.from_dict(cfg["model"], vocab_size=len(tok))
     template = nnx.state(build_model(mcfg, 0), nnx.Param).to_pure_dict()
     params = checkpoint.load_params(cfg["init"]["checkpoint"], template)
-    return {
-        "model_cfg": mcfg.to_dict(), "params": jax.device_get(params),
-        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
-        "targets": np.array([sid_pos[e.target_sid] for e in examples], np.int32),
-        "sid_table": tk.sid_token_table(tok, catalog.sids), "newline_id": tk.newline_id(tok),
-        "init_md5": md5_file(cfg["init"]["checkpoint"]), "tokenizer_dir": str(tok_dir),
-        "num_sids": len(catalog.sids), "valid": validate.prepare(cfg, data_dir, catalog, tok),
-    }
+    return RLInputs(
+        model_cfg=mcfg.to_dict(), params=jax.device_get(params), prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+        targets=np.array([catalog.sid_index[e.target_sid] for e in examples], np.int32),
+        sid_table=tk.sid_token_table(tok, catalog.sids), newline_id=tk.newline_id(tok),
+        init_md5=md5_file(cfg["init"]["checkpoint"]), tokenizer_dir=str(tok_dir), num_sids=len(catalog.sids),
+        valid=validate.prepare(cfg, data_dir, catalog, tok))
 
 
 def _sharding_for(rows: int, mesh) -> NamedSharding:
@@ -105,113 +116,140 @@ def make_step_fns(graphdef, tx, cfg: dict, mesh, state_shardings):
     return logprobs, update_step, score, build_sequences
 
 
+class Trainer:
+    """The live state of one RL run on a mesh: params, optimizer, reference, trie and step functions."""
+
+    def __init__(self, cfg: dict, inputs: RLInputs):
+        self.cfg, self.inputs = cfg, inputs
+        self.steps, self.b, self.g = int(cfg["steps"]), int(cfg["rollout"]["batch_size"]), int(cfg["rollout"]["n"])
+        self.updates = int(cfg["rl"]["updates_per_rollout"])
+        n_prompts = len(inputs.prompt_ids)
+        if self.b > n_prompts:
+            raise ConfigError(f"rollout.batch_size={self.b} exceeds the {n_prompts} training prompts; lower it")
+        mesh = parallel.make_mesh(cfg["mesh"])
+        self.graphdef, _ = nnx.split(build_model(ModelConfig(**inputs.model_cfg), cfg["seed"]))
+        shardings = parallel.param_shardings(inputs.params, mesh)
+        self.params = parallel.place(inputs.params, shardings)
+        self.ref_params = parallel.place(inputs.params, shardings)  # frozen reference: the SFT best
+        tx, self.schedule, self.opt_desc = build_optimizer(cfg["train"]["optimizer"], self.steps * self.updates)
+        self.opt_state = parallel.init_opt_state(tx, self.params, mesh)
+        rep = parallel.replicated(mesh)
+        self.trie = jax.tree.map(lambda x: parallel.place(x, rep), build_trie(inputs.sid_table))
+        self.sid_table = parallel.place(inputs.sid_table, rep)
+        state_shardings = (shardings, jax.tree.map(lambda x: x.sharding, self.opt_state))
+        self.logprobs, self.update_step, self.score, self.build_sequences = make_step_fns(
+            self.graphdef, tx, cfg, mesh, state_shardings)
+        self.prompt_sharding = _sharding_for(self.b, mesh)
+        self.base_key = jax.random.key(int(cfg["seed"]))
+        self.timings = {"rollout": 0.0, "reward_advantage": 0.0, "logprobs": 0.0, "update": 0.0, "eval": 0.0}
+
+    def restore(self, restored: dict) -> int:
+        self.params, self.opt_state, start, _ = train_state.restore(restored, self.params, self.opt_state)
+        return start
+
+    def _timed(self, phase: str, fn, *args):
+        t = time.time()
+        out = fn(*args)
+        jax.block_until_ready(out)
+        self.timings[phase] += time.time() - t
+        return out
+
+    def step(self, step: int) -> dict:
+        """One RL step (rollout -> reward/advantage -> update); returns its logged metrics."""
+        inp, cfg = self.inputs, self.cfg
+        rows = train_state.batch_rows(len(inp.prompt_ids), self.b, step, int(cfg["seed"]))
+        prompt_ids, prompt_mask, targets = (parallel.place(a[rows], self.prompt_sharding)
+                                            for a in (inp.prompt_ids, inp.prompt_mask, inp.targets))
+        sid_index = self._timed("rollout", rollout.rollout, self.graphdef, self.params, prompt_ids, prompt_mask,
+                                self.trie, cfg["rollout"], inp.newline_id, jax.random.fold_in(self.base_key, step))
+        rewards, adv = self._timed("reward_advantage", self.score, sid_index, targets)  # one jitted call
+        batch = self._timed("logprobs", self._update_batch, prompt_ids, prompt_mask, sid_index, adv)
+        t = time.time()
+        for _ in range(self.updates):
+            self.params, self.opt_state, m = self.update_step(self.params, self.opt_state, batch)
+        m = jax.device_get(m)
+        self.timings["update"] += time.time() - t
+        r = parallel.to_host(rewards)
+        return {"reward_mean": float(r.mean()), "accuracy": float((r >= 1.0).any(axis=1).mean()),
+                "kl": float(m["kl"]), "loss": float(m["loss"]), "pg_loss": float(m["pg_loss"]),
+                "clip_frac": float(m["clip_frac"]), "grad_norm": float(m["grad_norm"]),
+                "lr": float(self.schedule(step * self.updates))}
+
+    def _update_batch(self, prompt_ids, prompt_mask, sid_index, adv) -> dict:
+        """Completion rows with their advantages and the old-policy / reference log-probs."""
+        ids, mask, adv_rows = self.build_sequences(prompt_ids, prompt_mask, self.sid_table, sid_index, adv,
+                                                   self.inputs.newline_id)
+        return {"input_ids": ids, "attention_mask": mask, "advantages": adv_rows,
+                "old_logp": self.logprobs(self.params, ids, mask), "ref_logp": self.logprobs(self.ref_params, ids, mask)}
+
+    def validate(self) -> dict:
+        """Every process runs it: it gathers params and predictions."""
+        t = time.time()
+        metrics = validate.evaluate(self.graphdef, self.params, self.inputs.valid, self.inputs.sid_table,
+                                    self.inputs.newline_id, self.cfg["eval"])
+        self.timings["eval"] += time.time() - t
+        return metrics
+
+
+def write_outputs(out: Path, trainer: Trainer, host_params, start: int, elapsed: float, valid_metrics: dict,
+                  runlog: RunLog) -> dict:
+    """Process 0: the rl_last checkpoint, tokenizer files and run_summary.json (written last)."""
+    cfg, inp = trainer.cfg, trainer.inputs
+    checkpoint.save_params(out / CHECKPOINT_FILE, host_params)
+    for name in TOKENIZER_FILES:
+        src = Path(inp.tokenizer_dir) / name
+        if src.exists():
+            atomic_write_bytes(out / name, src.read_bytes())
+    summary = {
+        "kind": "rl", "steps": trainer.steps, "resumed_from_step": start, "seconds": elapsed,
+        "samples_per_s": (trainer.steps - start) * trainer.b * trainer.g / max(elapsed, 1e-9),
+        "phase_seconds": trainer.timings, "process_count": jax.process_count(), "device_count": jax.device_count(),
+        "backend": jax.default_backend(), "init_checkpoint": cfg["init"]["checkpoint"],
+        "init_checkpoint_md5": inp.init_md5, "optimizer": trainer.opt_desc, "num_sids": inp.num_sids,
+        "train_prompts": len(inp.prompt_ids), "valid": valid_metrics, "curves": runlog.history(),
+        "checkpoint_md5": md5_file(out / CHECKPOINT_FILE),
+        "config": cfg,
+    }
+    atomic_write_json(out / "run_summary.json", summary)
+    return summary
+
+
 def run(cfg: dict, data_dir: str) -> dict | None:
     out = Path(cfg["output_dir"])
     main_proc = distributed.is_main()
-    payload = distributed.on_main(prepare_inputs, cfg, data_dir)
-
-    steps, b, g = int(cfg["steps"]), int(cfg["rollout"]["batch_size"]), int(cfg["rollout"]["n"])
-    n_prompts = len(payload["prompt_ids"])
-    if b > n_prompts:
-        raise ConfigError(f"rollout.batch_size={b} exceeds the {n_prompts} training prompts; lower it")
-    mesh = parallel.make_mesh(cfg["mesh"])
-    graphdef, _ = nnx.split(build_model(ModelConfig(**payload["model_cfg"]), cfg["seed"]))
-    shardings = parallel.param_shardings(payload["params"], mesh)
-    params = parallel.place(payload["params"], shardings)
-    ref_params = parallel.place(payload["params"], shardings)  # frozen reference: the SFT best
-    tx, schedule, opt_desc = build_optimizer(cfg["train"]["optimizer"], steps * int(cfg["rl"]["updates_per_rollout"]))
-    opt_state = parallel.init_opt_state(tx, params, mesh)
-    rep = parallel.replicated(mesh)
-    trie = jax.tree.map(lambda x: parallel.place(x, rep), build_trie(payload["sid_table"]))
-    sid_table = parallel.place(payload["sid_table"], rep)
-    newline_id = int(payload["newline_id"])
-    state_shardings = (shardings, jax.tree.map(lambda x: x.sharding, opt_state))
-    logprobs, update_step, score, build_sequences = make_step_fns(graphdef, tx, cfg, mesh, state_shardings)
-    prompt_sharding = _sharding_for(b, mesh)
-
+    trainer = Trainer(cfg, distributed.on_main(prepare_inputs, cfg, data_dir))
     state_path = train_state.state_path(out, cfg)
     restored = distributed.on_main(
-        lambda: train_state.load(state_path, params, opt_state) if state_path.exists() else None)
+        lambda: train_state.load(state_path, trainer.params, trainer.opt_state) if state_path.exists() else None)
     start = 0
     if restored is not None:
-        params, opt_state, start, _ = train_state.restore(restored, params, opt_state)
+        start = trainer.restore(restored)
         log.info("resuming RL from step %d (%s)", start, state_path)
 
+    steps = trainer.steps
     runlog = RunLog(out, cfg, main_proc, "rl", resume_step=start, state_dir=state_path.parent)
-    timings = {"rollout": 0.0, "reward_advantage": 0.0, "logprobs": 0.0, "update": 0.0, "eval": 0.0}
-    eval_every, valid_metrics = int(cfg["eval_every_steps"]), {}
+    eval_every, every, valid_metrics = int(cfg["eval_every_steps"]), int(cfg["checkpoint_every_steps"]), {}
     t_start = time.time()
-    base_key = jax.random.key(int(cfg["seed"]))
     for step in tqdm(range(start, steps), desc="rl", disable=not main_proc, initial=start, total=steps):
-        rows = train_state.batch_rows(n_prompts, b, step, int(cfg["seed"]))
-        prompt_ids = parallel.place(payload["prompt_ids"][rows], prompt_sharding)
-        prompt_mask = parallel.place(payload["prompt_mask"][rows], prompt_sharding)
-        targets = parallel.place(payload["targets"][rows], prompt_sharding)
-
-        t = time.time()
-        sid_index = rollout.rollout(graphdef, params, prompt_ids, prompt_mask, trie, cfg["rollout"], newline_id,
-                                    jax.random.fold_in(base_key, step))
-        sid_index.block_until_ready()
-        timings["rollout"] += time.time() - t
-        t = time.time()
-        rewards, adv = score(sid_index, targets)
-        rewards.block_until_ready()
-        timings["reward_advantage"] += time.time() - t  # one small jitted call for both phases
-        t = time.time()
-        ids, mask, adv_rows = build_sequences(prompt_ids, prompt_mask, sid_table, sid_index, adv, newline_id)
-        batch = {"input_ids": ids, "attention_mask": mask, "advantages": adv_rows,
-                 "old_logp": logprobs(params, ids, mask), "ref_logp": logprobs(ref_params, ids, mask)}
-        batch["ref_logp"].block_until_ready()
-        timings["logprobs"] += time.time() - t  # sequences + old/reference log-probs
-        t = time.time()
-        for _ in range(int(cfg["rl"]["updates_per_rollout"])):
-            params, opt_state, m = update_step(params, opt_state, batch)
-        m = jax.device_get(m)
-        timings["update"] += time.time() - t
-
+        metrics = trainer.step(step)
         done = step + 1
-        r = parallel.to_host(rewards)
-        metrics = {"reward_mean": float(r.mean()), "accuracy": float((r >= 1.0).any(axis=1).mean()),
-                   "kl": float(m["kl"]), "loss": float(m["loss"]), "pg_loss": float(m["pg_loss"]),
-                   "clip_frac": float(m["clip_frac"]), "grad_norm": float(m["grad_norm"]),
-                   "lr": float(schedule(step * int(cfg["rl"]["updates_per_rollout"])))}
         if eval_every > 0 and (done % eval_every == 0 or done == steps):
-            t = time.time()  # every process runs it: it gathers params and predictions
-            valid_metrics = validate.evaluate(graphdef, params, payload["valid"], payload["sid_table"], newline_id,
-                                              cfg["eval"])
-            timings["eval"] += time.time() - t
+            valid_metrics = trainer.validate()
             metrics.update(valid_metrics)
         runlog.log(done, metrics)
         if done % max(1, steps // 20) == 0 or done == steps:
             log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        every = int(cfg["checkpoint_every_steps"])
         if every > 0 and done % every == 0 and done < steps:
-            host_state = train_state.to_host(params, opt_state, done)
+            host_state = train_state.to_host(trainer.params, trainer.opt_state, done)
             if main_proc:  # log first: a kill between the two writes must not lose covered lines
                 runlog.snapshot(state_path.parent)
                 train_state.save(state_path, host_state)
 
     elapsed = time.time() - t_start
-    host_params = jax.tree.map(parallel.to_host, params)
+    host_params = jax.tree.map(parallel.to_host, trainer.params)
     if not main_proc:
         return None
-    checkpoint.save_params(out / CHECKPOINT_FILE, host_params)
-    for name in TOKENIZER_FILES:
-        src = Path(payload["tokenizer_dir"]) / name
-        if src.exists():
-            atomic_write_bytes(out / name, src.read_bytes())
-    done_steps = steps - start
-    summary = {
-        "kind": "rl", "steps": steps, "resumed_from_step": start, "seconds": elapsed,
-        "samples_per_s": done_steps * b * g / max(elapsed, 1e-9),
-        "phase_seconds": timings, "process_count": jax.process_count(), "device_count": jax.device_count(),
-        "backend": jax.default_backend(), "init_checkpoint": cfg["init"]["checkpoint"],
-        "init_checkpoint_md5": payload["init_md5"], "optimizer": opt_desc, "num_sids": payload["num_sids"],
-        "train_prompts": n_prompts, "valid": valid_metrics, "curves": runlog.history(),
-        "checkpoint_md5": md5_file(out / CHECKPOINT_FILE),
-        "config": cfg,
-    }
-    atomic_write_json(out / "run_summary.json", summary)
+    summary = write_outputs(out, trainer, host_params, start, elapsed, valid_metrics, runlog)
     train_state.clear(out)
     runlog.close()
     return summary

@@ -1,0 +1,5 @@
+"""Rule crosscheck: recompute the metrics with MiniOneRec's calc.py and compare."""
+from trainer.cli import run_rule
+
+run_rule(snakemake, "crosscheck", *snakemake.params.settings, predictions=snakemake.input.predictions,
+         summary=snakemake.input.summary, info=snakemake.input.info, out=snakemake.output[0])
