@@ -53,6 +53,7 @@ def parent(path):
     return os.path.dirname(str(path)) or "."
 
 
-def where(rule_name, slice_id=None):
-    """Rule message naming where the job runs (shown by `snakemake -n`)."""
-    return f"{rule_name} {{wildcards}}: " + placement(config.get("slices", {}), slice_id)
+def where(rule_name, slice_id=None, per_model=False):
+    """Rule message naming the job (`evaluate office/rl`) and where it runs (shown by `snakemake -n`)."""
+    job = "{wildcards.ds}/{wildcards.model}" if per_model else "{wildcards.ds}"
+    return f"{rule_name} {job}: " + placement(config.get("slices", {}), slice_id)

@@ -19,7 +19,7 @@ def eval_inputs(w):
 
 rule evaluate:
     message:
-        where("evaluate", "eval")
+        where("evaluate", "eval", per_model=True)
     input:
         unpack(eval_inputs),
         data=rules.prepare_data.output,
@@ -45,7 +45,7 @@ rule evaluate:
 
 rule crosscheck:
     message:
-        where("crosscheck")
+        where("crosscheck", per_model=True)
     input:
         predictions=rules.evaluate.output.predictions,
         summary=rules.evaluate.output.summary,

@@ -152,7 +152,7 @@ def test_num_beams_change_reruns_only_evaluation(demo_run):
     assert proc.returncode == 0, describe(proc)
     assert planned_rules(output_of(proc)) == Counter(
         ["evaluate", "evaluate", "crosscheck", "crosscheck", "metrics"])
-    reasons = re.findall(r"Job \d+: evaluate ds=demo,model=(\w+).*\nReason: (.*)", output_of(proc))
+    reasons = re.findall(r"Job \d+: evaluate demo/(\w+).*\nReason: (.*)", output_of(proc))
     assert sorted(m for m, _ in reasons) == ["rl", "sft"]
     assert all(why.startswith("Params have changed") and "eval.num_beams=5" in why for _, why in reasons)
 
@@ -218,6 +218,7 @@ def test_dry_run_plans_office_with_placement(tmp_path):
     text = output_of(proc)
     assert planned_rules(text) == Counter(ALL_RULES)
     assert "rl_train office: runs on slice 'train': v6e-16, 4 hosts" in text
-    assert "evaluate office: runs on slice 'eval': v6e-8, 1 host" in text
+    assert "evaluate office/rl: runs on slice 'eval': v6e-8, 1 host" in text
+    assert "evaluate office/sft: runs on slice 'eval': v6e-8, 1 host" in text
     assert not (wd / "data").exists() and not (wd / "runs").exists()
     assert os.listdir(wd / "config")  # the copy itself is intact
