@@ -163,11 +163,11 @@ def test_read_split_missing_file_and_unknown_split(tmp_path):
 # --- tasks and baseline ------------------------------------------------------------------------
 
 def test_alignment_pairs_one_per_title(tmp_path):
-    info = INFO + "<a_1><b_2><c_3>\tBlue pen\t3\n"  # duplicate title with another SID: first kept
+    info = INFO + "<a_1><b_2><c_3>\tBlue pen\t3\n"  # duplicate title with another SID: last kept (upstream)
     index = {**INDEX, "3": ["<a_1>", "<b_2>", "<c_3>"]}
     cat = data.load_catalog(write_dataset(tmp_path, info=info, index=index))
     assert data.load_alignment_pairs(cat) == [
-        ("Red pen", "<a_1><b_2><c_3>"), ("Blue pen", "<a_4><b_5><c_6>"), ("Blue pen, 2-pack", "<a_4><b_5><c_6>")]
+        ("Red pen", "<a_1><b_2><c_3>"), ("Blue pen", "<a_1><b_2><c_3>"), ("Blue pen, 2-pack", "<a_4><b_5><c_6>")]
 
 
 def test_popularity_baseline_hand_computed():

@@ -48,7 +48,7 @@ def bundle(tmp_path_factory):
     synthetic.generate(root / "data", num_items=40, num_users=30, num_groups=4, seed=0)
     catalog = dt.load_catalog(root / "data")
     train = dt.read_split(root / "data", "train", catalog, 10)
-    tok = tk.train_bpe_tokenizer([sequential_prompt(e.history_sids) for e in train], catalog.sids, 300)
+    tok = tk.train_bpe_tokenizer([sequential_prompt(e.history_sids).text for e in train], catalog.sids, 300)
     tk.save_tokenizer(tok, root / "tok")
     model = random_model(len(tok))
     save_params(root / "ck.msgpack", params_dict(model))
@@ -80,7 +80,7 @@ def test_eval_writes_calc_compatible_files(bundle, full_run):
     test = dt.read_split(bundle["root"] / "data", "test", catalog, 10)[:ROWS]
     assert len(records) == ROWS
     for rec, ex in zip(records, test):  # split order, MiniOneRec fields
-        assert rec["input"] == sequential_prompt(ex.history_sids)
+        assert rec["input"] == sequential_prompt(ex.history_sids, "minionerec").text  # eval.prompt default
         assert rec["output"] == ex.target_sid + "\n"
         assert len(rec["predict"]) == n_sids and set(rec["predict"]) == set(catalog.sids)
     summary = json.loads((full_run / "run_summary.json").read_text())
@@ -100,7 +100,9 @@ def test_eval_ranking_is_exact(bundle, full_run):
     """With beams = SIDs the predictions are every SID sorted by teacher-forced log-prob."""
     tok, catalog = bundle["tok"], bundle["catalog"]
     records = load_predictions(full_run / "eval_predictions.json")[:2]
-    ids, mask = left_pad([tk.encode_prompt(tok, r["input"], 128) for r in records], tok.pad_token_id)
+    test = dt.read_split(bundle["root"] / "data", "test", catalog, 10)[:2]
+    prompts = [sequential_prompt(ex.history_sids, "minionerec") for ex in test]
+    ids, mask = left_pad([tk.encode_prompt(tok, p, 128) for p in prompts], tok.pad_token_id)
     table = tk.sid_token_table(tok, catalog.sids)
     scores = np.asarray(sequence_logprobs(bundle["model"], ids, mask, table, tk.newline_id(tok))).sum(-1)
     for rec, row in zip(records, scores):
@@ -110,7 +112,7 @@ def test_eval_ranking_is_exact(bundle, full_run):
 def test_evaluate_examples_matches_cli(bundle):
     test = dt.read_split(bundle["root"] / "data", "test", bundle["catalog"], 10)[:ROWS]
     records, metrics = evaluate_examples(bundle["model"], bundle["tok"], bundle["catalog"], test, num_beams=5,
-                                         batch_size=5, max_prompt_len=128)
+                                         batch_size=5, max_prompt_len=128, wording="minionerec")
     out = bundle["root"] / "out5"
     assert cli_main(eval_argv(bundle, out, "eval.num_beams=5")) == 0
     assert records == load_predictions(out / "eval_predictions.json")

@@ -41,7 +41,7 @@ def _valid_metrics(data, sft_dir, checkpoint, rows: int = VALID_ROWS, beams: int
     examples = dt.read_split(data, "valid", catalog, cfg["data"]["max_history"])[:rows]
     model = build_model(ModelConfig.from_dict(cfg["model"], len(tok)), 0)
     load_into_model(model, checkpoint)
-    _, m = evaluate_examples(model, tok, catalog, examples, beams, 32, cfg["data"]["max_prompt_len"])
+    _, m = evaluate_examples(model, tok, catalog, examples, beams, 32, cfg["data"]["max_prompt_len"], wording="sft")
     return m
 
 

@@ -94,7 +94,8 @@ def test_sft_beats_popularity_threefold_on_valid(tmp_path):
     tok = tk.load_tokenizer(out)
     model = build_model(ModelConfig.from_dict(load_cfg()["model"], vocab_size=len(tok)), 0)
     load_into_model(model, out / "sft_best.msgpack")
-    _, metrics = evaluate_examples(model, tok, catalog, valid, num_beams=10, batch_size=100, max_prompt_len=128)
+    _, metrics = evaluate_examples(model, tok, catalog, valid, num_beams=10, batch_size=100, max_prompt_len=128,
+                                   wording="sft")
     assert metrics["eval/invalid_prediction_count_all_beams"] == 0
     assert metrics["eval/hr@10"] >= 3 * popularity, (metrics["eval/hr@10"], popularity)
     assert popularity > 0.1  # the bar is not trivially low
@@ -197,7 +198,8 @@ def test_best_checkpoint_selected_by_decoded_metric(small, tmp_path, metric):
     tok = tk.load_tokenizer(out)
     model = build_model(ModelConfig.from_dict(load_cfg(*SMALL)["model"], vocab_size=len(tok)), 0)
     load_into_model(model, out / "sft_best.msgpack")
-    _, m = evaluate_examples(model, tok, catalog, valid, num_beams=k, batch_size=8, max_prompt_len=48)
+    _, m = evaluate_examples(model, tok, catalog, valid, num_beams=k, batch_size=8, max_prompt_len=48,
+                             wording="sft")
     assert m[metric.replace("valid/", "eval/")] == summary["best_value"]
 
 
@@ -228,7 +230,7 @@ def test_decoded_best_metric_two_processes(small, tmp_path):
     model = build_model(ModelConfig.from_dict(load_cfg(*SMALL)["model"], vocab_size=len(tok)), 0)
     load_into_model(model, out / "sft_best.msgpack")
     _, m = evaluate_examples(model, tok, catalog, dt.read_split(small / "data", "valid", catalog, 10)[:8],
-                             num_beams=10, batch_size=8, max_prompt_len=48)
+                             num_beams=10, batch_size=8, max_prompt_len=48, wording="sft")
     assert m["eval/hr@10"] == summary["best_value"]
 
 

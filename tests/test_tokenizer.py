@@ -19,8 +19,8 @@ def corpus(tmp_path_factory):
     synthetic.generate(d, num_items=40, num_users=40, num_groups=4, seed=0)
     cat = data.load_catalog(d)
     rows = data.read_split(d, "train", cat, max_history=10)
-    texts = [prompts.sequential_prompt(r.history_sids) + prompts.response_text(r.target_sid) for r in rows]
-    texts += [prompts.alignment_prompt(t) + prompts.response_text(s) for t, s in data.load_alignment_pairs(cat)]
+    texts = [prompts.sequential_prompt(r.history_sids).text + prompts.response_text(r.target_sid) for r in rows]
+    texts += [prompts.alignment_prompt(t).text + prompts.response_text(s) for t, s in data.load_alignment_pairs(cat)]
     return cat, rows, texts
 
 
@@ -36,14 +36,20 @@ def saved(corpus, tmp_path_factory):
 def test_prompt_wording_matches_minionerec():
     header = ("Below is an instruction that describes a task, paired with an input that provides further "
               "context. Write a response that appropriately completes the request. \n\n")
-    assert prompts.sequential_prompt(["<a_1><b_2><c_3>", "<a_4><b_5><c_6>"]) == (
-        header + "### Instruction:\nCan you predict the next possible item that the user may expect?\n\n"
-        "### User Input: \nThe user has interacted with items <a_1><b_2><c_3>, <a_4><b_5><c_6> in "
+    instruction = header + "### Instruction:\nCan you predict the next possible item that the user may expect?\n\n"
+    history = ["<a_1><b_2><c_3>", "<a_4><b_5><c_6>"]
+    assert prompts.sequential_prompt(history) == (
+        instruction, "### User Input: \nThe user has interacted with items <a_1><b_2><c_3>, <a_4><b_5><c_6> in "
         "chronological order. Can you predict the next possible item that the user may expect?\n\n"
         "### Response:\n")
-    assert prompts.alignment_prompt("Red pen") == (
+    assert prompts.sequential_prompt(history, "minionerec") == (
+        instruction, "### User Input: \nCan you predict the next possible item the user may expect, given the "
+        "following chronological interaction history: <a_1><b_2><c_3>, <a_4><b_5><c_6>\n\n### Response:\n")
+    assert prompts.alignment_prompt("Red pen").text == (
         header + "### Instruction:\nAnswer the question about item identification.\n\n"
         "### User Input: \nWhich item has the title: Red pen?\n\n### Response:\n")
+    with pytest.raises(ValueError, match="prompt wording 'upstream'"):
+        prompts.sequential_prompt(history, "upstream")
     assert prompts.response_text("<a_1><b_2><c_3>") == "<a_1><b_2><c_3>\n"
 
 
@@ -69,7 +75,7 @@ def test_sid_plus_newline_is_four_tokens(corpus, saved):
         assert tok.encode(prompts.response_text(sid), add_special_tokens=False) == [*row.tolist(), nl]
         assert tok.convert_ids_to_tokens(row.tolist()) == data.split_sid(sid)
     # The response follows the prompt without merging across the boundary.
-    prompt = prompts.sequential_prompt(cat.sids[:2])
+    prompt = prompts.sequential_prompt(cat.sids[:2]).text
     ids = tok.encode(prompt + prompts.response_text(cat.sids[5]), add_special_tokens=False)
     assert ids[-4:] == [*table[5].tolist(), nl]
     assert ids[:-4] == tok.encode(prompt, add_special_tokens=False)
@@ -105,19 +111,21 @@ def test_chat_template_renders_the_prompts(saved):
     loaded = AutoTokenizer.from_pretrained(str(out))
     history = ["<a_0><b_1><c_2>", "<a_1><b_0><c_0>"]
     render = lambda msgs, **kw: loaded.apply_chat_template(msgs, tokenize=False, **kw)  # noqa: E731
-    assert render(prompts.sequential_messages(history), add_generation_prompt=True) == prompts.sequential_prompt(history)
+    assert render(prompts.sequential_messages(history), add_generation_prompt=True) == \
+        prompts.sequential_prompt(history).text
     assert render(prompts.alignment_messages("Group0 gadget 2"), add_generation_prompt=True) == \
-        prompts.alignment_prompt("Group0 gadget 2")
+        prompts.alignment_prompt("Group0 gadget 2").text
     sft = prompts.sequential_messages(history) + [{"role": "assistant", "content": prompts.response_text(history[0])}]
-    assert render(sft) == prompts.sequential_prompt(history) + history[0] + "\n<|endoftext|>"
+    assert render(sft) == prompts.sequential_prompt(history).text + history[0] + "\n<|endoftext|>"
 
 
 def test_encode_prompt_keeps_the_end(saved):
     tok = saved[0]
-    text = prompts.sequential_prompt(["<a_0><b_0><c_0>"] * 10)
-    full = T.encode_prompt(tok, text, 10_000)
-    assert full == tok.encode(text, add_special_tokens=False) and len(full) > 16
-    tail = T.encode_prompt(tok, text, 16)
+    prompt = prompts.sequential_prompt(["<a_0><b_0><c_0>"] * 10)
+    full = T.encode_prompt(tok, prompt, 10_000)
+    # Blocks encoded apart, ids concatenated (upstream data.py): no merge across the boundary.
+    assert full == sum((tok.encode(b, add_special_tokens=False) for b in prompt), []) and len(full) > 16
+    tail = T.encode_prompt(tok, prompt, 16)
     assert tail == full[-16:]
     assert tok.decode(tail).endswith("### Response:\n")
 

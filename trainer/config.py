@@ -95,6 +95,7 @@ DEFAULTS: dict[str, Any] = {
         "num_beams": 50,
         "batch_size": 16,
         "max_samples": None,  # null: the whole split
+        "prompt": "minionerec",  # minionerec: upstream evaluate.py's EvalSidDataset wording; sft: the SFT wording
     },
     "crosscheck": {"calc_script": None, "tolerance": 1e-6, "python": None},
     "wandb": {"project": "sidrl", "enabled": "auto"},  # auto: on when WANDB_API_KEY is set

@@ -1,14 +1,18 @@
 """Prompt text in MiniOneRec's format, shared by SFT, RL rollouts and evaluation.
 
-MiniOneRec (SidSFTDataset / SidItemFeatDataset) builds every example as an Alpaca-style header,
-a `### User Input:` block and a `### Response:` block; the model answers with the SID and a
-newline. The same wording is used here for all stages so the prompts the RL policy and the
-evaluator see are exactly the ones SFT trained on. (Upstream's evaluate.py rephrases the
-sequential question; we keep the SFT wording everywhere on purpose.)
+Every example is an Alpaca-style header + `### Instruction:` block, then a `### User Input:` block
+ending in the open `### Response:` line; the model answers with the SID and a newline. A `Prompt`
+keeps the two blocks apart because upstream encodes them separately and concatenates the ids
+(trainer.data.tokenizer.encode_prompt does the same). Wordings, as upstream's data.py writes them:
+- `sft` (SidSFTDataset; SFT and RL): "The user has interacted with items ... in chronological order. ..."
+- `minionerec` (EvalSidDataset, what upstream's evaluate.py scores): "Can you predict the next
+  possible item the user may expect, given the following chronological interaction history: ..."
+`eval.prompt` picks the evaluation wording (default `minionerec`, comparable with upstream's numbers).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 # The header ends with "request. " (trailing space) exactly as upstream writes it.
 HEADER = (
@@ -17,13 +21,29 @@ HEADER = (
 )
 SEQUENTIAL_INSTRUCTION = "Can you predict the next possible item that the user may expect?"
 ALIGNMENT_INSTRUCTION = "Answer the question about item identification."
+EVAL_PROMPTS = ("minionerec", "sft")  # values of eval.prompt
+
+
+class Prompt(NamedTuple):
+    instruction: str  # header + instruction block (upstream: encoded with bos=True)
+    user_input: str   # `### User Input:` block through the open `### Response:\n` line
+
+    @property
+    def text(self) -> str:
+        return self.instruction + self.user_input
 
 
 def sequential_user_input(history_sids: Sequence[str]) -> str:
-    """The `### User Input:` text of the next-item task: the history SIDs joined by ", "."""
+    """The `### User Input:` text of the next-item task in SFT wording (SidSFTDataset)."""
     history = ", ".join(history_sids)
     return (f"The user has interacted with items {history} in chronological order. "
             "Can you predict the next possible item that the user may expect?")
+
+
+def eval_user_input(history_sids: Sequence[str]) -> str:
+    """The `### User Input:` text upstream's evaluate.py scores (EvalSidDataset)."""
+    return ("Can you predict the next possible item the user may expect, given the following "
+            "chronological interaction history: " + ", ".join(history_sids))
 
 
 def alignment_user_input(title: str) -> str:
@@ -31,21 +51,23 @@ def alignment_user_input(title: str) -> str:
     return f"Which item has the title: {title}?"
 
 
-def format_prompt(instruction: str, user_input: str) -> str:
-    """Header, instruction, user input, then the open `### Response:` line the model completes.
-
-    "### User Input: " keeps upstream's trailing space before the newline.
-    """
-    return (f"{HEADER}### Instruction:\n{instruction}\n\n"
-            f"### User Input: \n{user_input}\n\n### Response:\n")
+def make_prompt(instruction: str, user_input: str) -> Prompt:
+    """"### User Input: " keeps upstream's trailing space before the newline."""
+    return Prompt(f"{HEADER}### Instruction:\n{instruction}\n\n",
+                  f"### User Input: \n{user_input}\n\n### Response:\n")
 
 
-def sequential_prompt(history_sids: Sequence[str]) -> str:
-    return format_prompt(SEQUENTIAL_INSTRUCTION, sequential_user_input(history_sids))
+def sequential_prompt(history_sids: Sequence[str], wording: str = "sft") -> Prompt:
+    """The next-item prompt in `wording` (one of EVAL_PROMPTS)."""
+    if wording == "sft":
+        return make_prompt(SEQUENTIAL_INSTRUCTION, sequential_user_input(history_sids))
+    if wording == "minionerec":
+        return make_prompt(SEQUENTIAL_INSTRUCTION, eval_user_input(history_sids))
+    raise ValueError(f"prompt wording {wording!r}: expected one of {EVAL_PROMPTS}")
 
 
-def alignment_prompt(title: str) -> str:
-    return format_prompt(ALIGNMENT_INSTRUCTION, alignment_user_input(title))
+def alignment_prompt(title: str) -> Prompt:
+    return make_prompt(ALIGNMENT_INSTRUCTION, alignment_user_input(title))
 
 
 def response_text(sid: str) -> str:

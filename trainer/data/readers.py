@@ -242,17 +242,16 @@ def read_split(data_dir: str | Path, split: str, catalog: Catalog,
 def load_alignment_pairs(catalog: Catalog) -> list[tuple[str, str]]:
     """(title, SID) pairs for the title -> SID item-alignment task, one per distinct title.
 
-    A title shared by items with different SIDs would make the task ambiguous; like MiniOneRec
-    (a title -> SID dict) only one SID is kept per title, here the first in info.txt order.
+    A title shared by items with different SIDs would make the task ambiguous; like MiniOneRec's
+    SidItemFeatDataset (a title -> SID dict) one SID is kept per title: the last item's, at the
+    place of the title's first appearance.
     """
-    seen: set[str] = set()
-    pairs = []
+    pairs: dict[str, str] = {}
     for item_id, sid in catalog.item_to_sid.items():
         title = catalog.titles[item_id]
-        if title.strip() and title not in seen:
-            seen.add(title)
-            pairs.append((title, sid))
-    return pairs
+        if title.strip():
+            pairs[title] = sid
+    return list(pairs.items())
 
 
 def popularity_ranking(train_examples: list[Example]) -> list[str]:

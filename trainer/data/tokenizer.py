@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from trainer.data.readers import SID_RE, code_tokens, split_sid
 from trainer.errors import CheckpointError, DataError
 from trainer.io_utils import atomic_write_bytes
-from trainer.data.prompts import CHAT_TEMPLATE
+from trainer.data.prompts import CHAT_TEMPLATE, Prompt
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -122,10 +122,17 @@ def sid_token_table(tok: PreTrainedTokenizerBase, sids: Sequence[str]) -> np.nda
     return table
 
 
-def encode_prompt(tok: PreTrainedTokenizerBase, text: str, max_len: int) -> list[int]:
-    """Token ids of `text`, keeping the last `max_len` (the end holds the question and the
-    `### Response:` line the model must continue)."""
+def encode_prompt(tok: PreTrainedTokenizerBase, prompt: Prompt, max_len: int) -> list[int]:
+    """Token ids of `prompt` as upstream's data.py builds them, keeping the last `max_len`.
+
+    The instruction block and the user-input block are encoded separately and the ids
+    concatenated, so no BPE merge crosses the boundary (upstream's `Tokenizer.encode` per block);
+    the tokenizer's BOS comes first when it has one (upstream's bos=True; Qwen2 has none). The
+    end holds the question and the `### Response:` line the model must continue.
+    """
     if max_len < 1:
         raise DataError(f"data.max_prompt_len must be >= 1, got {max_len}")
-    ids = tok.encode(text, add_special_tokens=False)
+    ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
+    for block in prompt:
+        ids += tok.encode(block, add_special_tokens=False)
     return ids[-max_len:]

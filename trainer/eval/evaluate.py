@@ -91,12 +91,24 @@ def _check_beams(sid_rows: np.ndarray, scores: np.ndarray) -> None:
                               f"(rows {sid_rows[i].tolist()}, scores {scores[i].tolist()}); this is a bug")
 
 
-def encode_prompts(tok, examples, max_prompt_len: int | None) -> tuple[list[str], list[list[int]]]:
+def encode_prompts(tok, examples, max_prompt_len: int | None, wording: str) -> tuple[list[str], list[list[int]]]:
+    """(prompt texts, token ids) of the next-item prompts in `wording` (prompts.EVAL_PROMPTS)."""
     from trainer.data.prompts import sequential_prompt
     from trainer.data.tokenizer import encode_prompt
 
-    texts = [sequential_prompt(ex.history_sids) for ex in examples]
-    return texts, [encode_prompt(tok, t, max_prompt_len or 1 << 30) for t in texts]
+    prompts = [sequential_prompt(ex.history_sids, wording) for ex in examples]
+    return [p.text for p in prompts], [encode_prompt(tok, p, max_prompt_len or 1 << 30) for p in prompts]
+
+
+def eval_wording(cfg: dict) -> str:
+    """`eval.prompt`, checked: `minionerec` (upstream evaluate.py's EvalSidDataset) or `sft`."""
+    from trainer.data.prompts import EVAL_PROMPTS
+
+    wording = cfg["eval"]["prompt"]
+    if wording not in EVAL_PROMPTS:
+        raise ConfigError(f"eval.prompt={wording!r}: use 'minionerec' (upstream evaluate.py's wording, "
+                          "comparable with MiniOneRec's numbers) or 'sft' (the SFT training wording)")
+    return wording
 
 
 def build_records(texts: list[str], targets: list[str], sid_rows: np.ndarray, sids: list[str]) -> list[dict]:
@@ -106,12 +118,13 @@ def build_records(texts: list[str], targets: list[str], sid_rows: np.ndarray, si
 
 
 def evaluate_examples(model, tok, catalog, examples, num_beams: int, batch_size: int,
-                      max_prompt_len: int | None = None, progress: bool = False) -> tuple[list[dict], dict]:
-    """Single-process evaluation (SFT/RL validation): (prediction records, compute_metrics dict)."""
+                      max_prompt_len: int | None = None, progress: bool = False, *,
+                      wording: str) -> tuple[list[dict], dict]:
+    """Single-process evaluation (tests, benchmarks): (prediction records, compute_metrics dict)."""
     from trainer.data.tokenizer import newline_id, sid_token_table
 
     trie = build_trie(sid_token_table(tok, catalog.sids))
-    texts, prompts = encode_prompts(tok, examples, max_prompt_len)
+    texts, prompts = encode_prompts(tok, examples, max_prompt_len, wording)
     sid_rows, _ = predict_sid_rows(model, prompts, tok.pad_token_id, trie, num_beams, newline_id(tok),
                                    batch_size, progress)
     records = build_records(texts, [ex.target_sid for ex in examples], sid_rows, catalog.sids)
@@ -167,7 +180,7 @@ def _load_inputs(args) -> dict:
     model_cfg = ModelConfig.from_dict(cfg["model"], vocab_size=len(tok))
     model = build_model(model_cfg, cfg["seed"])
     load_into_model(model, args.checkpoint)
-    texts, prompts = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"])
+    texts, prompts = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"], eval_wording(cfg))
     return {
         "cfg": cfg, "model_cfg": model_cfg.to_dict(), "params": jax.device_get(params_dict(model)),
         "prompts": prompts, "texts": texts, "targets": [ex.target_sid for ex in examples],

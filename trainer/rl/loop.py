@@ -72,7 +72,8 @@ def prepare_inputs(cfg: dict, data_dir: str) -> RLInputs:
     if not examples:
         raise ConfigError(f"{data_dir}/train.csv has no rows to train on")
     tok = tk.load_tokenizer(tok_dir)
-    _, encoded = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"])
+    # Rollouts ask in the training wording, as upstream's RL (SidDataset) does.
+    _, encoded = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"], "sft")
     prompt_ids, prompt_mask = left_pad(encoded, tok.pad_token_id, bucketed_length(encoded))
     mcfg = ModelConfig.from_dict(cfg["model"], vocab_size=len(tok))
     template = nnx.state(build_model(mcfg, 0), nnx.Param).to_pure_dict()

@@ -36,7 +36,8 @@ def prepare(cfg: dict, data_dir: str, catalog, tok) -> dict | None:
     if not examples:
         raise ConfigError(f"{data_dir}/valid.csv has no rows, but eval_every_steps={cfg['eval_every_steps']} "
                           "asks for validation; add rows or set eval_every_steps=0")
-    _, prompts = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"])
+    # The training wording, like SFT's best-checkpoint selection; eval.prompt applies to `trainer eval`.
+    _, prompts = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"], "sft")
     return {"prompts": prompts, "targets": [e.target_sid for e in examples], "sids": list(catalog.sids),
             "pad_id": tok.pad_token_id}
 

@@ -90,7 +90,7 @@ def prepare_data(cfg: dict, data_dir: str) -> dict:
         pairs = dt.load_alignment_pairs(catalog)
         seq_prompts += [prompts.alignment_prompt(title) for title, _ in pairs]
         seq_targets += [sid_pos[sid] for _, sid in pairs]
-    tok = build_tokenizer(cfg, catalog, seq_prompts)
+    tok = build_tokenizer(cfg, catalog, [p.text for p in seq_prompts])
     table = tk.sid_token_table(tok, catalog.sids)
     mpl = cfg["data"]["max_prompt_len"]
     train_ids, train_mask, _ = encode_task(tok, seq_prompts, np.array(seq_targets), table, mpl, N_RESP)
