@@ -165,6 +165,7 @@ SCHEMA = {
     "eval.num_beams": Int(min=1),
     "eval.batch_size": Int(min=1),
     "eval.max_samples": Int(min=1, nullable=True),  # null: the whole split
+    "eval.prompt": Choice("minionerec", "sft"),  # trainer/data/prompts.py EVAL_PROMPTS
     "crosscheck.calc_script": Str(nullable=True),  # null: the built-in trainer.ops.calc
     "crosscheck.tolerance": Float(min=0),
     "crosscheck.python": Str(nullable=True),  # null: this interpreter

@@ -100,17 +100,6 @@ def encode_prompts(tok, examples, max_prompt_len: int | None, wording: str) -> t
     return [p.text for p in prompts], [encode_prompt(tok, p, max_prompt_len or 1 << 30) for p in prompts]
 
 
-def eval_wording(cfg: dict) -> str:
-    """`eval.prompt`, checked: `minionerec` (upstream evaluate.py's EvalSidDataset) or `sft`."""
-    from trainer.data.prompts import EVAL_PROMPTS
-
-    wording = cfg["eval"]["prompt"]
-    if wording not in EVAL_PROMPTS:
-        raise ConfigError(f"eval.prompt={wording!r}: use 'minionerec' (upstream evaluate.py's wording, "
-                          "comparable with MiniOneRec's numbers) or 'sft' (the SFT training wording)")
-    return wording
-
-
 def build_records(texts: list[str], targets: list[str], sid_rows: np.ndarray, sids: list[str]) -> list[dict]:
     """calc.py records: prompt text, target SID + newline, the beams' SIDs best first."""
     return [{"input": text, "output": target + "\n", "predict": [sids[j] for j in row]}
@@ -180,7 +169,7 @@ def _load_inputs(args) -> dict:
     model_cfg = ModelConfig.from_dict(cfg["model"], vocab_size=len(tok))
     model = build_model(model_cfg, cfg["seed"])
     load_into_model(model, args.checkpoint)
-    texts, prompts = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"], eval_wording(cfg))
+    texts, prompts = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"], ev["prompt"])
     return {
         "cfg": cfg, "model_cfg": model_cfg.to_dict(), "params": jax.device_get(params_dict(model)),
         "prompts": prompts, "texts": texts, "targets": [ex.target_sid for ex in examples],
