@@ -13,7 +13,7 @@ def eval_inputs(w):
               # every tokenizer file: with a default storage provider only declared inputs reach the job
               "tok": [f"{ckpt_dir}/{name}" for name in TOKENIZER_FILES]}
     if w.model == "rl":
-        inputs["receipt"] = rules.gcs_copy.output.receipt.format(ds=w.ds)
+        inputs["receipt"] = f"handoff/{w.ds}/gcs_copy.json"  # a plain path: default storage wraps it
     return inputs
 
 
