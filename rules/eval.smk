@@ -53,8 +53,9 @@ rule crosscheck:
     output:
         "results/{ds}/{model}/calc_crosscheck.json",
     params:
-        settings=[a for k, v in config.get("crosscheck", {}).items() if v is not None
-                  for a in ("--set", f"crosscheck.{k}={v}")],
+        args=crosscheck_args(config),
+        # Snakemake deletes a failed job's output: the report of a failed check is kept here too
+        failed_report="logs/crosscheck/{ds}_{model}.failed.json",
     log:
         "logs/crosscheck/{ds}_{model}.log",
     script:

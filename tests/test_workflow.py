@@ -20,11 +20,13 @@ import pytest
 from tests.workflow_helpers import (EMULATOR_ROOT, SMALL_OVERRIDES, clone_run, describe, finished_rules,
                                     graph_artifacts, make_workflow, output_of, planned_rules, read_json,
                                     shared_demo_run, snakemake, snakemake_env, stop_emulator)
+from tests.upstream_oracle import UPSTREAM_CALC
 from trainer.ops import gcs_emulator
 
 ALL_RULES = ["prepare_data", "sft", "rl_train", "gcs_copy", "eval_copy", "evaluate", "evaluate", "crosscheck",
              "crosscheck", "metrics"]
 AMAZON = Path("/work/shared/minionerec-data/data/Amazon")
+PIN = "81b4ba9811cfb152cf161f1c486fe516510d081e"  # config/config.yaml minionerec_download.commit
 OFFICE_VALID = AMAZON / "valid" / "Office_Products_5_2016-10-2018-11.csv"
 
 
@@ -67,7 +69,17 @@ def assert_complete_run(wd: Path, ds: str, proc: subprocess.CompletedProcess) ->
     for model in ("rl", "sft"):
         check = read_json(wd / f"results/{ds}/{model}/calc_crosscheck.json")
         assert check["passed"] is True and check["invalid_count"] == 0, check
+    if UPSTREAM_CALC.is_file():  # CI: upstream's own calc.py ran, from the shared copy, verified by blob id
+        assert metrics["crosscheck"]["tool"] == f"upstream:calc.py@{PIN}", metrics["crosscheck"]
+        assert metrics["crosscheck"]["upstream_commit"] == PIN
+        assert check["calc_source"] == f"local copy {UPSTREAM_CALC}"
     assert metrics["rl_training"]["process_count"] == 4
+    # every RL - SFT delta with its paired bootstrap interval; the popularity floor on the same rows
+    for key, d in metrics["rl_minus_sft"].items():
+        assert d["delta"] == pytest.approx(metrics[key] - metrics["sft_best"][key], abs=1e-12)
+        assert d["ci95"][0] <= d["delta"] <= d["ci95"][1] and d["excludes_zero"] == (d["ci95"][0] > 0 or d["ci95"][1] < 0)
+    assert metrics["bootstrap"]["resamples"] == 1000
+    assert metrics["popularity_floor"]["fit_on"] == "train" and 0 < metrics["popularity_floor"]["hr@10"] < 1
     assert 0.0 <= metrics["hr@10"] <= 1.0 and 0.0 <= metrics["ndcg@10"] <= metrics["hr@10"]
 
     # The checkpoint evaluated is byte-for-byte the uploaded rl_last, via GCS and the eval copy.

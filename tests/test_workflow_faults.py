@@ -19,12 +19,9 @@ import yaml
 
 from tests.workflow_helpers import (EMULATOR_ROOT, clone_run, describe, finished_rules, make_workflow, output_of,
                                     read_json, shared_demo_run, snakemake, stop_emulator)
-from trainer.data import prepare_data
-from trainer.data import synthetic
-from trainer.errors import DataError
+from tests.test_download import PIN, mirror
+from trainer.data.pinned import git_blob_id
 
-PINNED = "e88ba913b1534ac034d37f2153bd691dc1c13b1e"
-AMAZON = Path("/work/shared/minionerec-data/data/Amazon")
 
 
 @pytest.fixture(scope="session")
@@ -108,100 +105,27 @@ def test_bad_download_commit_fails_at_validation(tmp_path):
 
 
 # ------------------------------------------------------------------------ pinned MiniOneRec download
-
-
-def test_raw_github_url_at_pinned_commit():
-    url = prepare_data.raw_url("https://github.com/AkaliKong/MiniOneRec", PINNED,
-                               "valid/Office_Products_5_2016-10-2018-11.csv")
-    assert url == (f"https://raw.githubusercontent.com/AkaliKong/MiniOneRec/{PINNED}/data/Amazon/"
-                   "valid/Office_Products_5_2016-10-2018-11.csv")
-    assert prepare_data.raw_url("https://github.com/AkaliKong/MiniOneRec.git/", PINNED, "x") == url.rsplit(
-        "/data/Amazon/", 1)[0] + "/data/Amazon/x"
-    assert prepare_data.raw_url("file:///mirror", PINNED, "info/a.txt") == f"file:///mirror/{PINNED}/data/Amazon/info/a.txt"
-    with pytest.raises(DataError, match="OWNER/REPO"):
-        prepare_data.raw_url("https://github.com/AkaliKong", PINNED, "x")
-
-
-def test_pinned_checksums_match_the_reference_copy():
-    """config/minionerec_sha256.yaml pins the shared (upstream) files and the configured commit."""
-    repo = Path(__file__).resolve().parents[1]
-    pins = prepare_data.load_sha256_pins(repo / "config/minionerec_sha256.yaml", PINNED)
-    assert yaml.safe_load((repo / "config/config.yaml").read_text())["minionerec_download"]["commit"] == PINNED
-    for name in ("Office_Products", "Industrial_and_Scientific"):
-        for f in prepare_data.needed_files(AMAZON, name, "valid").values():
-            assert str(f.relative_to(AMAZON)) in pins
-    if not AMAZON.is_dir():
-        pytest.skip("MiniOneRec reference data not present")
-    for rel, sha in pins.items():
-        assert hashlib.sha256((AMAZON / rel).read_bytes()).hexdigest() == sha, rel
-
-
-def _mirror(tmp_path: Path, name: str = "Office_Products") -> tuple[str, Path, dict[str, str]]:
-    """A file:// mirror laid out like raw GitHub (BASE/COMMIT/data/Amazon/...) holding a small
-    synthetic dataset in MiniOneRec's file names, and a pin file for it."""
-    gen = tmp_path / "gen"
-    synthetic.generate(gen, 40, 60, 4, 0)
-    src = {"valid": "valid.csv", "test": "test.csv", "info": "info.txt", "index": "index.json", "item": "item.json"}
-    base = tmp_path / "mirror"
-    amazon = base / PINNED / "data/Amazon"
-    pins = {}
-    for key, path in prepare_data.needed_files(amazon, name, "valid").items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes((gen / src[key]).read_bytes())
-        pins[str(path.relative_to(amazon))] = hashlib.sha256(path.read_bytes()).hexdigest()
-    pin_file = tmp_path / "pins.yaml"
-    pin_file.write_text(yaml.safe_dump({"commit": PINNED, "files": pins}))
-    return base.as_uri(), pin_file, pins
-
-
-def test_download_verifies_sha256_and_writes_only_verified_files(tmp_path):
-    base, pin_file, pins = _mirror(tmp_path)
-    root = tmp_path / "Amazon"
-    rels = sorted(pins)
-    written = prepare_data.download_minionerec(root, rels, base, PINNED, prepare_data.load_sha256_pins(pin_file, PINNED))
-    assert sorted(str(p.relative_to(root)) for p in written) == rels
-    assert all(hashlib.sha256((root / r).read_bytes()).hexdigest() == pins[r] for r in rels)
-    # Present files are not fetched again.
-    calls = []
-    assert prepare_data.download_minionerec(root, rels, base, PINNED, pins, fetch=calls.append) == []
-    assert calls == []
-
-    # A tampered file upstream: the error names both checksums and the URL; nothing is written.
-    tampered = tmp_path / "tampered"
-    rel = rels[0]
-    served = b"not the pinned bytes"
-    with pytest.raises(DataError) as err:
-        prepare_data.download_minionerec(tampered, rels, base, PINNED, pins, fetch=lambda url: served)
-    msg = str(err.value)
-    assert hashlib.sha256(served).hexdigest() in msg and pins[rel] in msg and f"{PINNED}/data/Amazon/{rel}" in msg
-    assert not tampered.exists() or not any(p.is_file() for p in tampered.rglob("*"))
-
-
-def test_download_errors_name_what_to_fix(tmp_path):
-    base, pin_file, pins = _mirror(tmp_path)
-    with pytest.raises(DataError, match="no pinned sha256 for 'train/x.csv'"):
-        prepare_data.download_minionerec(tmp_path / "r", ["train/x.csv"], base, PINNED, pins)
-    with pytest.raises(DataError, match=r"pins are for commit .* asks for commit 0{40}"):
-        prepare_data.load_sha256_pins(pin_file, "0" * 40)
-    with pytest.raises(DataError, match="downloading file://.*failed"):
-        prepare_data.download_minionerec(tmp_path / "r", sorted(pins), base, "1" * 40, pins)
+# (the download itself: tests/test_download.py)
 
 
 def test_prepare_data_rule_downloads_when_data_root_is_absent(tmp_path):
-    """The workflow's prepare_data with data_root missing fetches the pinned files (file:// mirror)."""
-    base, pin_file, pins = _mirror(tmp_path)
+    """The workflow's prepare_data with data_root missing fetches the pinned files, train split
+    included, from a file:// mirror laid out like the repository (train_from: train, the default)."""
+    base, pin_file, pins = mirror(tmp_path)
     wd = make_workflow(tmp_path / "wf")
-    data_root = tmp_path / "absent/Amazon"
     proc = snakemake(wd, "data/office/test.csv", config={
-        "data_root": str(data_root), "train_from": "valid",
-        "minionerec_download": {"repo": base, "commit": PINNED, "sha256": str(pin_file)}})
+        "data_root": str(tmp_path / "absent/Amazon"),
+        "minionerec_download": {"repo": base, "commit": PIN, "pins": str(pin_file)}})
     assert proc.returncode == 0, describe(proc, wd)
     assert finished_rules(output_of(proc)) == Counter(["prepare_data"])
-    for rel, sha in pins.items():
-        assert hashlib.sha256((data_root / rel).read_bytes()).hexdigest() == sha
-    assert (wd / "data/office/test.csv").read_bytes() == (data_root / "test/Office_Products_5_2016-10-2018-11.csv").read_bytes()
+    got = wd / "workdir/minionerec" / PIN
+    for rel, blob in pins.items():
+        assert git_blob_id((got / rel).read_bytes()) == blob
+    amazon = got / "data/Amazon"
+    assert (wd / "data/office/train.csv").read_bytes() == (amazon / "train/Office_Products_5_2016-10-2018-11.csv").read_bytes()
+    assert (wd / "data/office/test.csv").read_bytes() == (amazon / "test/Office_Products_5_2016-10-2018-11.csv").read_bytes()
     log = (wd / "logs/prepare_data/office.log").read_text()
-    assert len(re.findall(r"downloaded file://\S+ -> \S+ \(sha256 [0-9a-f]{64} verified\)", log)) == len(pins)
+    assert len(re.findall(r"downloaded file://\S+ -> \S+ \(git blob [0-9a-f]{40} verified\)", log)) == len(pins)
     assert json.loads((wd / "data/office/index.json").read_text())
 
 

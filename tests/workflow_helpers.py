@@ -20,6 +20,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from tests.upstream_oracle import UPSTREAM
+
 REPO = Path(__file__).resolve().parents[1]
 WORKFLOW_FILES = ("Snakefile", "rules", "workflow", "config", "profiles")
 EMULATOR_ROOT = "workdir/gcs-emulator"  # config.yaml's handoff.emulator_root, relative to the workflow dir
@@ -54,7 +56,11 @@ def graph_artifacts(ds: str) -> list[str]:
 
 
 def make_workflow(dest: Path) -> Path:
-    """A fresh scratch copy of the workflow (code and config only) at `dest`."""
+    """A fresh scratch copy of the workflow (code and config only) at `dest`.
+
+    `upstream_root` points at the shared copy of upstream's files (../shared is relative to the
+    repository, not to the scratch copy), so the cross-check runs upstream's own calc.py.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         src = REPO / name
@@ -62,6 +68,11 @@ def make_workflow(dest: Path) -> Path:
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(src, dest / name)
+    config = dest / "config/config.yaml"
+    text = config.read_text()
+    line = "upstream_root: ../shared/minionerec-upstream"
+    assert line in text, f"config/config.yaml no longer has '{line}'"
+    config.write_text(text.replace(line, f"upstream_root: {UPSTREAM}"))
     return dest
 
 

@@ -166,7 +166,7 @@ SCHEMA = {
     "eval.batch_size": Int(min=1),
     "eval.max_samples": Int(min=1, nullable=True),  # null: the whole split
     "eval.prompt": Choice("minionerec", "sft"),  # trainer/data/prompts.py EVAL_PROMPTS
-    "crosscheck.calc_script": Str(nullable=True),  # null: the built-in trainer.ops.calc
+    "crosscheck.calc_script": Str(nullable=True),  # null: upstream calc.py at the pinned commit
     "crosscheck.tolerance": Float(min=0),
     "crosscheck.python": Str(nullable=True),  # null: this interpreter
     "wandb.project": Str(),

@@ -5,19 +5,18 @@ synthetic generator or from MiniOneRec's released files, and validate it by load
     python -m trainer prepare-data --out data/office --minionerec-root ../shared/minionerec-data/data/Amazon \\
         --name Office_Products [--train-from valid] \\
         [--download-commit SHA --download-repo https://github.com/AkaliKong/MiniOneRec \\
-         --sha256-file config/minionerec_sha256.yaml]
+         --pins config/minionerec_pins.yaml]
 
 With --download-commit, MiniOneRec files missing under --minionerec-root are fetched from the
-repository at that exact commit (raw GitHub URLs) and kept only when their sha256 equals the pinned
-value in --sha256-file.
+repository at that exact commit (raw GitHub URLs) into --cache-dir/COMMIT/data/Amazon/ and kept
+only when their git blob id equals the pin in --pins (trainer/data/pinned.py).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import urllib.request
 from pathlib import Path
 
+from trainer.data import pinned
 from trainer.data import readers as data
 from trainer.data import synthetic
 from trainer.cli import base_parser
@@ -46,81 +45,19 @@ def minionerec_sources(root: str | Path, name: str) -> dict[str, Path]:
 
 # ------------------------------------------------------------------ pinned MiniOneRec download
 
-GITHUB = "https://github.com/"
 MINIONEREC_DATA_PATH = "data/Amazon"  # where the files live inside the MiniOneRec repository
 
 
-def raw_url(repo: str, commit: str, rel: str) -> str:
-    """URL of `data/Amazon/<rel>` at `commit`.
-
-    A GitHub repository URL maps to raw.githubusercontent.com; any other base (a mirror, or
-    file:///dir for offline use) is read with the same layout: BASE/COMMIT/data/Amazon/REL.
-    """
-    repo = repo.rstrip("/")
-    if repo.endswith(".git"):
-        repo = repo[: -len(".git")]
-    if repo.startswith(GITHUB):
-        owner_repo = repo[len(GITHUB):]
-        if owner_repo.count("/") != 1:
-            raise DataError(f"minionerec_download.repo '{repo}' must look like https://github.com/OWNER/REPO")
-        return f"https://raw.githubusercontent.com/{owner_repo}/{commit}/{MINIONEREC_DATA_PATH}/{rel}"
-    return f"{repo}/{commit}/{MINIONEREC_DATA_PATH}/{rel}"
-
-
-def load_sha256_pins(path: str | Path, commit: str) -> dict[str, str]:
-    """{path relative to data/Amazon: sha256} from the pin file, which must be for `commit`."""
-    import yaml
-
-    path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: sha256 pin file not found; pass --sha256-file (config: "
-                        "minionerec_download.sha256)") from None
-    except yaml.YAMLError as e:
-        raise DataError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("files"), dict):
-        raise DataError(f"{path}: expected keys 'commit' and 'files' ({{relative path: sha256}})")
-    if str(doc.get("commit")) != commit:
-        raise DataError(f"{path}: pins are for commit {doc.get('commit')}, but the download asks for commit {commit}; "
-                        "pin the same commit in config.yaml (minionerec_download.commit) or update the pin file")
-    return {str(k): str(v).lower() for k, v in doc["files"].items()}
-
-
-def _fetch(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=120) as resp:  # noqa: S310 (https or file:// only)
-        return resp.read()
-
-
 def download_minionerec(root: str | Path, rels: list[str], repo: str, commit: str, pins: dict[str, str],
-                        fetch=_fetch, log=None) -> list[Path]:
-    """Fetch each `rel` (relative to data/Amazon) that is missing under `root`, verify, write it.
-
-    A file is written (atomically) only after its sha256 matched the pin, so a failed or tampered
-    download never leaves a file that a rerun would take as valid.
-    """
-    root, written = Path(root), []
+                        fetch=None, log=None) -> list[Path]:
+    """Fetch each `rel` (relative to data/Amazon) that is missing under `root`, verified by its
+    git blob id (trainer.data.pinned); returns the files written."""
+    written = []
     for rel in rels:
-        dest = root / rel
-        if dest.is_file():
-            continue
-        want = pins.get(rel)
-        if want is None:
-            raise DataError(f"{dest} is missing and has no pinned sha256 for '{rel}' in the sha256 pin file; "
-                            "add its checksum there (or provide the file yourself)")
-        url = raw_url(repo, commit, rel)
-        try:
-            blob = fetch(url)
-        except OSError as e:
-            raise DataError(f"downloading {url} failed: {e}; check the network or place the file at {dest}") from None
-        got = hashlib.sha256(blob).hexdigest()
-        if got != want:
-            raise DataError(f"{url}: sha256 {got} does not match the pinned {want} for '{rel}'; nothing was written. "
-                            "Check minionerec_download.commit and the pin file")
-        atomic_write_bytes(dest, blob)
-        written.append(dest)
-        if log:
-            log.info("downloaded %s -> %s (sha256 %s verified)", url, dest, got)
+        dest = Path(root) / rel
+        if not dest.is_file():
+            kw = {"fetch": fetch} if fetch else {}
+            written.append(pinned.fetch_pinned(f"{MINIONEREC_DATA_PATH}/{rel}", dest, repo, commit, pins, log=log, **kw))
     return written
 
 
@@ -150,14 +87,17 @@ def _normalised_items(item_path: Path, catalog: data.Catalog) -> str:
 
 
 def import_minionerec(out_dir: str | Path, root: str | Path, name: str, train_from: str = "train",
-                      log=None) -> dict:
+                      log=None, downloaded: str | Path | None = None) -> dict:
     """Validate MiniOneRec's files for `name`, then copy them into out_dir under our names.
 
-    `train_from="valid"` uses the valid split as train.csv too (for checkouts that lack the
-    train split); the model then trains on the rows it is validated on.
+    Each file is taken from `root`, else from `downloaded` (the data/Amazon dir of the pinned
+    download). `train_from="valid"` uses the valid split as train.csv too (for copies that lack
+    the train split); the model then trains on the rows it is validated on.
     """
     name = SHORT_NAMES.get(name, name)
     src = minionerec_sources(root, name)
+    if downloaded is not None:
+        src = {k: p if p.is_file() else minionerec_sources(downloaded, name)[k] for k, p in src.items()}
     for key in needed_files(root, name, train_from):
         if not src[key].is_file():
             hint = (" (no train split here? pass --train-from valid to let valid stand in)"
@@ -210,13 +150,15 @@ def main(argv: list[str]) -> int:
                    help="MiniOneRec category, e.g. Office_Products (or office, industrial)")
     p.add_argument("--train-from", choices=("train", "valid"), default="train",
                    help="split that becomes train.csv; 'valid' when the train split is not available")
-    dl = p.add_argument_group("download of missing MiniOneRec files (pinned, sha256-verified)")
+    dl = p.add_argument_group("download of missing MiniOneRec files (pinned, git blob ids verified)")
     dl.add_argument("--download-commit", default=None, metavar="SHA",
                     help="fetch missing files from the repository at this commit")
-    dl.add_argument("--download-repo", default="https://github.com/AkaliKong/MiniOneRec",
+    dl.add_argument("--download-repo", default=pinned.DEFAULT_REPO,
                     help="repository URL (GitHub), or a base URL laid out as BASE/COMMIT/data/Amazon/...")
-    dl.add_argument("--sha256-file", default="config/minionerec_sha256.yaml",
-                    help="YAML with 'commit' and 'files' ({path under data/Amazon: sha256})")
+    dl.add_argument("--pins", default="config/minionerec_pins.yaml",
+                    help="YAML with 'commit' and 'files' ({path in the repository: git blob id})")
+    dl.add_argument("--cache-dir", default="workdir/minionerec",
+                    help="downloads go to CACHE/COMMIT/data/Amazon/... (laid out like the repository)")
     args = p.parse_args(argv[1:])
     cfg = load_config(args.config, args.overrides)
     log = setup_logging(args.log)
@@ -230,13 +172,16 @@ def main(argv: list[str]) -> int:
     else:
         if not args.name:
             p.error("--minionerec-root needs --name (e.g. Office_Products)")
-        if args.download_commit:
+        downloaded = None
+        if args.download_commit:  # missing files come from the pinned download (never written into the root)
             root = Path(args.minionerec_root)
+            downloaded = Path(args.cache_dir) / args.download_commit / MINIONEREC_DATA_PATH
             rels = [str(f.relative_to(root)) for f in needed_files(root, args.name, args.train_from).values()]
-            if any(not (root / r).is_file() for r in rels):
-                pins = load_sha256_pins(args.sha256_file, args.download_commit)
-                download_minionerec(root, rels, args.download_repo, args.download_commit, pins, log=log)
-        info = import_minionerec(out, args.minionerec_root, args.name, args.train_from, log)
+            missing = [r for r in rels if not (root / r).is_file()]
+            if missing:
+                pins = pinned.load_pins(args.pins, args.download_commit)
+                download_minionerec(downloaded, missing, args.download_repo, args.download_commit, pins, log=log)
+        info = import_minionerec(out, args.minionerec_root, args.name, args.train_from, log, downloaded)
     log.info("wrote %s: %s", out, info)
     summary = validate_dataset(out)
     log.info("validated %s: %s", out, summary)

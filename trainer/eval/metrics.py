@@ -1,8 +1,8 @@
 """Ranking metrics of a predictions file, with MiniOneRec `calc.py` semantics.
 
-This is the eval's own implementation (`python -m trainer eval` writes its numbers into
-run_summary.json). `trainer/ops/calc.py` is a second, independent implementation used by the
-cross-check; the two must not share code.
+The package's one implementation (`python -m trainer eval` writes its numbers into
+run_summary.json). The cross-check compares them with upstream's own calc.py
+(trainer/ops/crosscheck.py); offline with no copy of it, with these again, and says so.
 
 Upstream `calc.py` behaviour reproduced here (read from MiniOneRec's calc.py):
 - info file: every line's first tab-separated column, stripped, is a known SID; several items may

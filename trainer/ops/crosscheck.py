@@ -1,11 +1,13 @@
 """`python -m trainer crosscheck`: check the eval's metrics against MiniOneRec's calc.py.
 
-Runs the calc script on the predictions file (`crosscheck.calc_script`, e.g.
-workdir/MiniOneRec/calc.py, with `crosscheck.python`; when unset, the built-in independent
-re-implementation `python -m trainer.ops.calc`), parses what it prints, and compares every HR@K,
-NDCG@K and the invalid count with run_summary.json. calc_crosscheck.json is always written, also on
-failure, so the numbers can be inspected; any difference beyond tolerance, any invalid prediction
-or a failing script then stops with a table.
+Which calc runs: `crosscheck.calc_script` when set (with `crosscheck.python`); otherwise upstream's
+own calc.py at the pinned commit (trainer/ops/upstream_calc.py: a verified local copy, or a
+verified download); offline with no copy, the package's metrics (trainer.eval.metrics) recomputed
+from the files, and the report says so (`tool`, `fallback_reason`): that checks the files against
+the summary, it is not a second opinion. calc's printed report is parsed, and every HR@K, NDCG@K
+and the invalid count is compared with run_summary.json. calc_crosscheck.json is always written;
+on failure a copy also goes to `--failed-report` (Snakemake deletes a failed job's outputs), and
+any difference beyond tolerance, any invalid prediction or a failing script stops with a table.
 
 Precision: calc.py prints numpy arrays with numpy's default 8 fractional digits (scientific
 notation, also with 8 mantissa digits, when values span orders of magnitude). Every metric lies in
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import ast
 import logging
-import os
 import re
 import shlex
 import subprocess
@@ -29,13 +30,16 @@ from pathlib import Path
 from trainer.cli import base_parser
 from trainer.config import ConfigError, load_config
 from trainer.errors import UserError
+from trainer.data.pinned import DEFAULT_REPO
 from trainer.io_utils import atomic_write_json, read_json, setup_logging
+from trainer.ops.upstream_calc import Located, UpstreamSource, locate_calc
 
 log = logging.getLogger("trainer")
 
 PRINT_RESOLUTION = 5e-9
 ALL_K = (1, 3, 5, 10, 20, 50)
 STDERR_TAIL_LINES = 20
+PACKAGE_TOOL = "package:trainer.eval.metrics"
 
 
 class CrosscheckError(UserError):
@@ -54,23 +58,63 @@ class CalcOutput:
 
 # ---------------------------------------------------------------------------- running calc.py
 
-def calc_command(cfg: dict, predictions: str, info: str) -> tuple[str, list[str]]:
-    """(tool description, argv) of the calc run the config asks for."""
+def calc_tool(cfg: dict, predictions: str, info: str, upstream: UpstreamSource | None) -> dict:
+    """Which calc runs: report fields `tool`, `command` (None: the package's metrics in-process), ..."""
     cc = cfg["crosscheck"]
     python = cc.get("python") or sys.executable
     script = cc.get("calc_script")
     if script:
-        return f"external:{script}", [str(python), str(script), "--path", predictions, "--item_path", info]
-    return "builtin:trainer.ops.calc", [str(python), "-m", "trainer.ops.calc", "--path", predictions, "--item_path", info]
+        return {"tool": f"external:{script}",
+                "command": [str(python), str(script), "--path", predictions, "--item_path", info]}
+    located = locate_calc(upstream) if upstream else Located(None, "no upstream commit given (--download-commit)")
+    if located.path is None:
+        log.warning("upstream calc.py unavailable (%s): falling back to the package's metrics", located.how)
+        return {"tool": PACKAGE_TOOL, "command": None, "fallback_reason": located.how}
+    return {"tool": f"upstream:calc.py@{upstream.commit}", "upstream_commit": upstream.commit,
+            "calc_source": located.how,
+            "command": [str(python), str(located.path), "--path", predictions, "--item_path", info]}
 
 
-def _subprocess_env(tool: str) -> dict:
-    env = dict(os.environ)
-    if tool.startswith("builtin:"):
-        # The built-in runs as `-m trainer.ops.calc`: make this package importable from any cwd.
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+def package_calc(predictions: str, info: str) -> CalcOutput:
+    """The package's metrics of the files, in calc.py's report shape (the offline fallback)."""
+    from trainer.eval.metrics import compute_metrics, load_predictions, load_valid_sids
+
+    m = compute_metrics(load_predictions(predictions), load_valid_sids(info))
+    topk = [k for k in ALL_K if f"eval/hr@{k}" in m]
+    return CalcOutput(n_beam=m["num_beams"], topk=topk, ndcg=[m[f"eval/ndcg@{k}"] for k in topk],
+                      hr=[m[f"eval/hr@{k}"] for k in topk], invalid=m["eval/invalid_prediction_count"], echoed=[])
+
+
+def _run_calc(report: dict, predictions: str, info: str) -> CalcOutput | None:
+    """Run the chosen calc; its output parsed, or None with the reason added to report['problems']."""
+    problems, cmd = report["problems"], report["command"]
+    if cmd is None:
+        try:
+            return package_calc(predictions, info)
+        except UserError as e:
+            problems.append(str(e))
+            return None
+    if not Path(cmd[1]).is_file():
+        problems.append(f"calc script not found: {cmd[1]} (set crosscheck.calc_script to MiniOneRec's "
+                        "calc.py, or null for upstream's at the pinned commit)")
+        return None
+    log.info("crosscheck: %s", shlex.join(cmd))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    except OSError as e:
+        problems.append(f"could not start {cmd[0]!r}: {e} (check crosscheck.python)")
+        return None
+    report["returncode"] = proc.returncode
+    if proc.returncode != 0:
+        report["stderr_tail"] = _tail(proc.stderr)
+        problems.append(f"calc script exited with {proc.returncode}; stderr tail:\n{report['stderr_tail']}")
+        return None
+    try:
+        return parse_calc_output(proc.stdout)
+    except ValueError as e:
+        report["stdout_tail"] = _tail(proc.stdout)
+        problems.append(f"cannot read calc output ({e}); stdout tail:\n{report['stdout_tail']}")
+        return None
 
 
 def _tail(text: str, lines: int = STDERR_TAIL_LINES) -> str:
@@ -223,42 +267,28 @@ def format_table(report: dict) -> str:
 
 # ---------------------------------------------------------------------------- the command
 
-def run_crosscheck(predictions: str, summary_path: str, info: str, out: str, cfg: dict) -> dict:
-    """Run calc, compare, write `out` (always); raise CrosscheckError when anything disagrees."""
+def run_crosscheck(predictions: str, summary_path: str, info: str, out: str, cfg: dict,
+                   upstream: UpstreamSource | None = None, failed_report: str | None = None) -> dict:
+    """Run calc, compare, write `out` (always; also `failed_report` on failure, else it is removed);
+    raise CrosscheckError when anything disagrees."""
     tolerance = cfg["crosscheck"].get("tolerance")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
         raise ConfigError(f"crosscheck.tolerance must be a number >= 0, got {tolerance!r}")
-    tool, cmd = calc_command(cfg, predictions, info)
     report = {
-        "tool": tool, "command": cmd, "predictions": predictions, "summary": summary_path, "info": info,
+        "tool": None, "command": None, "predictions": predictions, "summary": summary_path, "info": info,
         "returncode": None, "n_beam": None, "topk": None, "metrics": {}, "max_abs_diff": None,
         "invalid_count": None, "summary_invalid_count": None, "invalid_count_all_beams": None,
         "tolerance": float(tolerance), "print_resolution": PRINT_RESOLUTION, "passed": False, "problems": [],
     }
     problems: list[str] = report["problems"]
     calc = None
-    script = cfg["crosscheck"].get("calc_script")
-    if script and not Path(script).is_file():
-        problems.append(f"calc script not found: {script} (set crosscheck.calc_script to MiniOneRec's "
-                        f"calc.py, or null for the built-in trainer.ops.calc)")
+    try:
+        report.update(calc_tool(cfg, predictions, info, upstream))
+    except UserError as e:  # a copy of calc.py that is not upstream's, or a bad pin file
+        report["tool"] = "upstream:calc.py"
+        problems.append(str(e))
     else:
-        log.info("crosscheck: %s", shlex.join(cmd))
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=_subprocess_env(tool))
-        except OSError as e:
-            proc = None
-            problems.append(f"could not start {cmd[0]!r}: {e} (check crosscheck.python)")
-        if proc is not None:
-            report["returncode"] = proc.returncode
-            if proc.returncode != 0:
-                problems.append(f"calc script exited with {proc.returncode}; stderr tail:\n{_tail(proc.stderr)}")
-                report["stderr_tail"] = _tail(proc.stderr)
-            else:
-                try:
-                    calc = parse_calc_output(proc.stdout)
-                except ValueError as e:
-                    problems.append(f"cannot read calc output ({e}); stdout tail:\n{_tail(proc.stdout)}")
-                    report["stdout_tail"] = _tail(proc.stdout)
+        calc = _run_calc(report, predictions, info)
 
     summary = None
     try:
@@ -297,16 +327,23 @@ def run_crosscheck(predictions: str, summary_path: str, info: str, out: str, cfg
 
     report["passed"] = not problems
     atomic_write_json(out, report)
+    if failed_report:
+        if problems:
+            atomic_write_json(failed_report, report)
+        else:
+            Path(failed_report).unlink(missing_ok=True)
     table = format_table(report)
+    how = report["tool"] + (f" ({report['fallback_reason']})" if "fallback_reason" in report else "")
     if problems:
         any_invalid = bool(report["invalid_count"] or report["invalid_count_all_beams"]
                            or (isinstance(report["summary_invalid_count"], int) and report["summary_invalid_count"] > 0))
         extra = ("\nAn invalid prediction means constrained decoding produced a SID outside the item set, "
                  "or the info file is not the one the eval used.") if any_invalid else ""
+        cmd = shlex.join(report["command"]) if report["command"] else "in-process"
         raise CrosscheckError(
-            f"calc cross-check FAILED ({tool}; {shlex.join(cmd)}):\n{table}\nproblems:\n"
-            + "\n".join(f"  - {p}" for p in problems) + extra + f"\ndetails: {out}")
-    print(f"calc cross-check passed ({tool}), max |diff| {_fmt(report['max_abs_diff'])}:\n{table}")
+            f"calc cross-check FAILED ({how}; {cmd}):\n{table}\nproblems:\n"
+            + "\n".join(f"  - {p}" for p in problems) + extra + f"\ndetails: {failed_report or out}")
+    print(f"calc cross-check passed ({how}), max |diff| {_fmt(report['max_abs_diff'])}:\n{table}")
     return report
 
 
@@ -319,8 +356,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--summary", required=True, help="run_summary.json of the same eval")
     p.add_argument("--info", required=True, help="info file (SID<TAB>title<TAB>item_id) the eval used")
     p.add_argument("--out", required=True, help="where to write calc_crosscheck.json")
+    p.add_argument("--failed-report", default=None,
+                   help="also write the report here when the check fails (survives Snakemake removing --out)")
+    up = p.add_argument_group("upstream calc.py (used when crosscheck.calc_script is null)")
+    up.add_argument("--download-commit", default=None, metavar="SHA", help="MiniOneRec commit whose calc.py runs")
+    up.add_argument("--download-repo", default=DEFAULT_REPO, help="repository URL, or a BASE laid out as BASE/COMMIT/...")
+    up.add_argument("--pins", default="config/minionerec_pins.yaml", help="pin file (git blob ids at the commit)")
+    up.add_argument("--upstream-root", default=None, help="local copy of the repository's files (checked by blob id)")
+    up.add_argument("--cache-dir", default="workdir/minionerec", help="where a downloaded calc.py is kept")
     args = p.parse_args(argv)
     setup_logging(args.log)
     cfg = load_config(args.config, args.overrides)
-    run_crosscheck(args.predictions, args.summary, args.info, args.out, cfg)
+    upstream = (UpstreamSource(args.download_commit, args.pins, args.download_repo, args.upstream_root, args.cache_dir)
+                if args.download_commit else None)
+    run_crosscheck(args.predictions, args.summary, args.info, args.out, cfg, upstream, args.failed_report)
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from trainer.cli import base_parser
 from trainer.errors import PredictionError, UserError
+from trainer.eval.significance import RESAMPLES, SEED
 from trainer.io_utils import atomic_write_bytes, atomic_write_json, md5_file, read_json, setup_logging
 
 METRIC_PREFIXES = ("eval/hr@", "eval/ndcg@")
@@ -42,8 +43,16 @@ def config_digest(*configs: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _crosscheck_summary(check: dict) -> dict:
+    """Which calc the cross-check ran (upstream's at a commit, an external script, or the fallback)."""
+    keys = ("tool", "upstream_commit", "calc_source", "fallback_reason", "max_abs_diff")
+    return {k: check[k] for k in keys if k in check}
+
+
 def build_metrics(dataset: str, rl_eval: dict, sft_eval: dict, crosscheck: dict, sft_crosscheck: dict,
-                  receipt: dict, rl_run: dict, sft_run: dict, eval_copy_md5: str) -> dict:
+                  receipt: dict, rl_run: dict, sft_run: dict, eval_copy_md5: str,
+                  deltas: dict, popularity: dict) -> dict:
+    """metrics.json; `deltas` from significance.paired_bootstrap, `popularity` its popularity_floor."""
     for name, check in (("RL", crosscheck), ("SFT best", sft_crosscheck)):
         if not check.get("passed"):
             raise PredictionError(f"{name} cross-check did not pass (max_abs_diff={check.get('max_abs_diff')}, "
@@ -64,10 +73,13 @@ def build_metrics(dataset: str, rl_eval: dict, sft_eval: dict, crosscheck: dict,
         "num_beams": rl_eval["num_beams"],
         **rl_m,
         "invalid_prediction_count": invalid,
-        "crosscheck": {"passed": True, "tool": crosscheck.get("tool"), "max_abs_diff": crosscheck.get("max_abs_diff"),
-                       "sft_max_abs_diff": sft_crosscheck.get("max_abs_diff")},
+        "crosscheck": {"passed": True, **_crosscheck_summary(crosscheck), "sft": _crosscheck_summary(sft_crosscheck)},
         "sft_best": {**sft_m, "invalid_prediction_count": int(sft_eval["eval/invalid_prediction_count"])},
-        "rl_minus_sft": {k: rl_m[k] - sft_m[k] for k in rl_m if k in sft_m},
+        # paired bootstrap over the test rows: an interval that holds zero is not a measured difference
+        "rl_minus_sft": deltas,
+        "bootstrap": {"resamples": RESAMPLES, "seed": SEED, "interval": "95% percentile, rows resampled "
+                      "once per draw for both models"},
+        "popularity_floor": {"fit_on": "train", **popularity},
         "rl_training": {
             "steps": rl_run.get("steps"), "process_count": rl_run.get("process_count"),
             "samples_per_s": rl_run.get("samples_per_s"), "seconds": rl_run.get("seconds"),
@@ -114,35 +126,60 @@ def plot(curves: list[dict], metrics: dict, out_dir: Path) -> list[Path]:
     paths = [save(fig, "rl_curves.png")]
 
     ks = sorted({int(k.split("@")[1]) for k in metrics if k.startswith("hr@")})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.4))
     for ax, name in zip(axes, ("hr", "ndcg")):
         ax.plot(ks, [metrics["sft_best"][f"{name}@{k}"] for k in ks], marker="o", label="SFT best")
         ax.plot(ks, [metrics[f"{name}@{k}"] for k in ks], marker="o", label="RL (rl_last)")
+        ax.plot(ks, [metrics["popularity_floor"][f"{name}@{k}"] for k in ks], ls="--", color="grey",
+                label="popularity floor (train)")
         ax.set_xscale("log")
         ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_title(f"{name.upper()}@K (n={metrics['n']})")
         ax.set_xlabel("K")
         ax.grid(alpha=0.3)
         ax.legend()
+    ax = axes[2]
+    keys = [f"{name}@{k}" for name in ("hr", "ndcg") for k in ks]
+    d = metrics["rl_minus_sft"]
+    ax.errorbar(range(len(keys)), [d[k]["delta"] for k in keys], fmt="o", capsize=3,
+                yerr=[[d[k]["delta"] - d[k]["ci95"][0] for k in keys], [d[k]["ci95"][1] - d[k]["delta"] for k in keys]])
+    for i, k in enumerate(keys):
+        if d[k]["excludes_zero"]:
+            ax.annotate("*", (i, d[k]["ci95"][1]), ha="center", va="bottom")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(keys)), keys, rotation=60)
+    ax.set_title("RL - SFT, paired bootstrap 95% (* excludes 0)")
+    ax.grid(alpha=0.3)
     paths.append(save(fig, "rl_vs_sft.png"))
     return paths
 
 
 def main(argv: list[str]) -> int:
+    from trainer.data import readers
+    from trainer.eval.metrics import load_predictions
+    from trainer.eval.significance import paired_bootstrap, popularity_floor
+
     p = base_parser("metrics", "assemble results/{ds}/metrics.json (+ plots) from the stage outputs")
-    for flag in ("--dataset", "--rl-eval", "--sft-eval", "--crosscheck", "--sft-crosscheck", "--receipt",
-                 "--rl-run", "--sft-run", "--rl-curves", "--eval-copy", "--out", "--plots"):
+    for flag in ("--dataset", "--rl-eval", "--sft-eval", "--rl-predictions", "--sft-predictions", "--crosscheck",
+                 "--sft-crosscheck", "--receipt", "--rl-run", "--sft-run", "--rl-curves", "--eval-copy", "--data",
+                 "--out", "--plots"):
         p.add_argument(flag, required=True)
     args = p.parse_args(argv[1:])
     log = setup_logging(args.log)
     curves = [json.loads(line) for line in Path(args.rl_curves).read_text().splitlines() if line.strip()]
+    rl_records, sft_records = load_predictions(args.rl_predictions), load_predictions(args.sft_predictions)
+    catalog = readers.load_catalog(args.data)
+    popularity = popularity_floor(readers.read_split(args.data, "train", catalog), rl_records, catalog.sids)
     metrics = build_metrics(
         args.dataset, _read_json(args.rl_eval, "RL evaluation summary"), _read_json(args.sft_eval, "SFT evaluation summary"),
         _read_json(args.crosscheck, "RL cross-check"), _read_json(args.sft_crosscheck, "SFT cross-check"),
         _read_json(args.receipt, "GCS receipt"), _read_json(args.rl_run, "RL run summary"),
-        _read_json(args.sft_run, "SFT run summary"), md5_file(args.eval_copy))
+        _read_json(args.sft_run, "SFT run summary"), md5_file(args.eval_copy),
+        paired_bootstrap(rl_records, sft_records), popularity)
     plot(curves, metrics, Path(args.plots))
     atomic_write_json(args.out, metrics)
-    log.info("%s: hr@10=%s ndcg@10=%s (SFT best hr@10=%s) -> %s", args.dataset, metrics.get("hr@10"),
-             metrics.get("ndcg@10"), metrics["sft_best"].get("hr@10"), args.out)
+    d = metrics["rl_minus_sft"].get("hr@10")
+    log.info("%s: hr@10=%s ndcg@10=%s (SFT best hr@10=%s; RL-SFT %s; popularity %s) -> %s", args.dataset,
+             metrics.get("hr@10"), metrics.get("ndcg@10"), metrics["sft_best"].get("hr@10"), d,
+             popularity.get("hr@10"), args.out)
     return 0

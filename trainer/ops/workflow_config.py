@@ -9,7 +9,9 @@ from pathlib import Path
 from trainer.config import ConfigError, load_config
 
 STAGES = ("sft", "rl", "eval")
-DOWNLOAD_REPO = "https://github.com/AkaliKong/MiniOneRec"
+DOWNLOAD_REPO = "https://github.com/AkaliKong/MiniOneRec"  # = trainer.data.pinned.DEFAULT_REPO (no import: fast -n)
+PINS = "config/minionerec_pins.yaml"
+DOWNLOAD_CACHE = "workdir/minionerec"  # downloads, laid out like the repository: COMMIT/PATH
 
 
 def stage_configs(config: dict, ds: str, stage: str) -> list[str]:
@@ -69,11 +71,27 @@ def prepare_data_args(config: dict, ds: str) -> list[str]:
         return ["--synthetic", *(a for s in sets for a in ("--set", s))]
     args = ["--minionerec-root", config["data_root"], "--name", spec["name"],
             "--train-from", config.get("train_from", "train")]
+    return args + _download_args(config)
+
+
+def _download_args(config: dict) -> list[str]:
+    """The pinned download (files missing locally are fetched at this commit, git blob ids checked)."""
     dl = config.get("minionerec_download") or {}
-    if dl.get("commit"):  # files missing under data_root are fetched at this commit, checksum-verified
-        args += ["--download-commit", dl["commit"], "--download-repo", dl.get("repo", DOWNLOAD_REPO),
-                 "--sha256-file", dl.get("sha256", "config/minionerec_sha256.yaml")]
-    return args
+    if not dl.get("commit"):
+        return []
+    return ["--download-commit", dl["commit"], "--download-repo", dl.get("repo", DOWNLOAD_REPO),
+            "--pins", dl.get("pins", PINS), "--cache-dir", DOWNLOAD_CACHE]
+
+
+def crosscheck_args(config: dict) -> list[str]:
+    """`crosscheck` arguments: the crosscheck.* settings, and where upstream's calc.py comes from
+    (a verified local copy under upstream_root, else the pinned download)."""
+    settings = [a for k, v in (config.get("crosscheck") or {}).items() if v is not None
+                for a in ("--set", f"crosscheck.{k}={v}")]
+    upstream = _download_args(config)
+    if upstream and config.get("upstream_root"):
+        upstream += ["--upstream-root", config["upstream_root"]]
+    return settings + upstream
 
 
 def check_workflow_config(config: dict) -> None:

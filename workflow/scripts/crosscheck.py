@@ -1,5 +1,6 @@
-"""Rule crosscheck: recompute the metrics with MiniOneRec's calc.py and compare."""
+"""Rule crosscheck: recompute the metrics with MiniOneRec's calc.py (upstream's, pinned) and compare."""
 from trainer.cli import run_rule
 
-run_rule(snakemake, "crosscheck", *snakemake.params.settings, predictions=snakemake.input.predictions,
-         summary=snakemake.input.summary, info=snakemake.input.info, out=snakemake.output[0])
+run_rule(snakemake, "crosscheck", *snakemake.params.args, predictions=snakemake.input.predictions,
+         summary=snakemake.input.summary, info=snakemake.input.info, out=snakemake.output[0],
+         failed_report=snakemake.params.failed_report)
