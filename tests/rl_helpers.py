@@ -25,7 +25,7 @@ SFT_CONFIG = REPO / "config/trainer/demo/sft.yaml"
 # Small enough for seconds of SFT on 2 cores, structured enough for RL to have something to learn.
 DATA = {"num_items": 60, "num_users": 160, "num_groups": 4, "seed": 0}
 SFT_SETS = ("sft.batch_size=32", "sft.checkpoint_every=100000",
-            "sft.eval_samples=64", "data.alignment_task=false")
+            "sft.eval_samples=64", "sft.tasks=[next_item]")
 
 
 @functools.cache

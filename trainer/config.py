@@ -13,12 +13,15 @@ from typing import Any
 
 import yaml
 
-from trainer.config_types import Bool, Choice, ConfigError, Float, Int, Spec, Str
+from trainer.config_types import Bool, Choice, ConfigError, Float, Int, List, Spec, Str
 
 __all__ = ["ConfigError", "DEFAULTS", "SCHEMA", "load_config", "parse_value"]
 
 # Defaults target the offline demo (tiny model on synthetic data); experiment YAMLs override them.
 DEFAULTS: dict[str, Any] = {
+    # A named preset (trainer/recipes.py) laid under the stage's files: `recipe: minionerec` in
+    # sft.yaml / rl.yaml gives upstream MiniOneRec's hyperparameters; keys set in files still win.
+    "recipe": None,
     "seed": 0,
     "output_dir": "runs/demo",
     "model": {
@@ -40,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "dir": "data/demo",  # holds train.csv valid.csv test.csv info.txt index.json item.json
         "max_history": 10,
         "max_prompt_len": 128,  # prompts are left-truncated to this many tokens
-        "alignment_task": True,  # also train title -> SID during SFT
+        "category": None,  # upstream's category words (e.g. "office products"), for the title-history tasks
     },
     "synthetic": {"num_items": 120, "num_users": 400, "num_groups": 8, "seed": 0},
     "tokenizer": {
@@ -71,9 +74,13 @@ DEFAULTS: dict[str, Any] = {
         "eval_samples": 256,
         "best_metric": "valid/loss",  # or valid/hr@10, valid/ndcg@10 (constrained decoding)
         "checkpoint_every": 100,
+        "epochs": None,  # set: steps = epochs * (train sequences // batch_size), as HF Trainer counts
+        "early_stopping_patience": None,  # stop after this many evaluations without a better best
+        "tasks": ["next_item", "title2sid"],  # trainer/data/tasks.py SFT_TASKS
     },
     # RL keys sit at the top level like the runbook's smoke run (--set steps=3 --set rollout.n=8).
     "steps": 20,
+    "epochs": None,  # set: steps = epochs * (training prompts // rollout.batch_size)
     "eval_every_steps": 0,
     "checkpoint_every_steps": 5,
     "rollout": {
@@ -89,6 +96,12 @@ DEFAULTS: dict[str, Any] = {
         "reward": "ranking",
         "updates_per_rollout": 1,
         "adv_eps": 1e-4,
+        "tasks": ["next_item"],  # trainer/data/tasks.py RL_TASKS
+        "item_embeddings": None,  # MiniOneRec .npy [num_items, dim] for reward: semantic
+        # TRL's SyncRefModelCallback: every N optimizer steps ref = alpha * policy + (1 - alpha) * ref.
+        "sync_ref_model": False,
+        "ref_model_mixup_alpha": 0.6,
+        "ref_model_sync_steps": 512,
     },
     "eval": {
         "split": "test",
@@ -105,6 +118,7 @@ DEFAULTS: dict[str, Any] = {
 # What every key accepts (trainer/config_types.py). Keys whose default is null say what else they
 # take; counts are >= 1, or >= 0 where 0 means "off". Choices are listed where no registry checks them.
 SCHEMA = {
+    "recipe": Str(nullable=True),  # checked against trainer/recipes.py RECIPES
     "seed": Int(min=0),
     "output_dir": Str(),
     "model.vocab_size": Int(min=1, nullable=True),
@@ -123,7 +137,7 @@ SCHEMA = {
     "data.dir": Str(),
     "data.max_history": Int(min=1, nullable=True),
     "data.max_prompt_len": Int(min=1),
-    "data.alignment_task": Bool(),
+    "data.category": Str(nullable=True),  # null: the title-history SFT tasks refuse to run
     "synthetic.num_items": Int(min=1),
     "synthetic.num_users": Int(min=1),
     "synthetic.num_groups": Int(min=1),
@@ -144,11 +158,15 @@ SCHEMA = {
     "train.optimizer.lr_schedule.end_value": Float(min=0),
     "sft.steps": Int(min=1),
     "sft.batch_size": Int(min=1),
-    "sft.eval_every": Int(min=1),
-    "sft.eval_samples": Int(min=1),
+    "sft.eval_every": Float(min=0, exclusive_min=True),  # below 1: a fraction of the steps
+    "sft.eval_samples": Int(min=1, nullable=True),  # null: the whole valid split
     "sft.best_metric": Str(),  # checked by trainer/train/sft.py parse_best_metric
     "sft.checkpoint_every": Int(min=1),
+    "sft.epochs": Float(min=0, exclusive_min=True, nullable=True),  # null: sft.steps
+    "sft.early_stopping_patience": Int(min=1, nullable=True),  # null: never stop early
+    "sft.tasks": List(),  # checked against trainer/data/tasks.py SFT_TASKS
     "steps": Int(min=1),
+    "epochs": Float(min=0, exclusive_min=True, nullable=True),  # null: steps
     "eval_every_steps": Int(min=0),  # 0: no in-training validation
     "checkpoint_every_steps": Int(min=0),  # 0: no train-state checkpoints
     "rollout.batch_size": Int(min=1),
@@ -161,6 +179,11 @@ SCHEMA = {
     "rl.reward": Str(),  # checked against trainer/rl/reward.py REWARDS
     "rl.updates_per_rollout": Int(min=1),
     "rl.adv_eps": Float(min=0),
+    "rl.tasks": List(),  # checked against trainer/data/tasks.py RL_TASKS
+    "rl.item_embeddings": Str(nullable=True),  # needed by rl.reward semantic
+    "rl.sync_ref_model": Bool(),
+    "rl.ref_model_mixup_alpha": Float(min=0, max=1, exclusive_min=True),
+    "rl.ref_model_sync_steps": Int(min=1),
     "eval.split": Choice("train", "valid", "test"),
     "eval.num_beams": Int(min=1),
     "eval.batch_size": Int(min=1),
@@ -263,24 +286,48 @@ def apply_override(cfg: dict, assignment: str) -> None:
             node, default_node = node[part], default_node[part]
 
 
-def load_config(paths: str | Path | list | tuple | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """DEFAULTS, then each YAML file in order, then each `dotted.key=value` override."""
-    cfg = copy.deepcopy(DEFAULTS)
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        loaded = _yaml_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return loaded
+
+
+def _recipe_layer(name, stage: str | None) -> dict:
+    """The preset of recipe `name` for `stage` (sft, rl, ...); {} for a stage it does not cover."""
+    from trainer.recipes import RECIPES
+
+    if SCHEMA["recipe"].check("recipe", name, "config") is None:
+        return {}
+    if name not in RECIPES:
+        raise ConfigError(f"recipe: unknown '{name}'; valid: {', '.join(sorted(RECIPES))} (or null)")
+    return copy.deepcopy(RECIPES[name].get(stage, {}))
+
+
+def load_config(paths: str | Path | list | tuple | None = None, overrides: list[str] | tuple[str, ...] = (),
+                stage: str | None = None) -> dict:
+    """DEFAULTS, then the `recipe`'s preset for `stage`, then each YAML file in order, then each
+    `dotted.key=value` override. The recipe is the last one named by a file or an override."""
     if paths is None:
         paths = []
     elif isinstance(paths, (str, Path)):
         paths = [paths]
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = _yaml_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        _merge(cfg, loaded, str(path))
+    layers = [(str(p), _read_yaml(Path(p))) for p in paths]
+    recipe = None
+    for _, loaded in layers:
+        recipe = loaded.get("recipe", recipe)
+    for assignment in overrides:
+        if assignment.split("=", 1)[0].strip() == "recipe" and "=" in assignment:
+            recipe = parse_value(assignment.split("=", 1)[1])
+    cfg = copy.deepcopy(DEFAULTS)
+    _merge(cfg, _recipe_layer(recipe, stage), f"recipe {recipe} ({stage})")
+    for source, loaded in layers:
+        _merge(cfg, loaded, source)
     for assignment in overrides:
         apply_override(cfg, assignment)
     return cfg

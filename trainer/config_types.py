@@ -17,12 +17,12 @@ class ConfigError(UserError):
     """A config file or override names an unknown key or holds a bad value."""
 
 
-_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true/false", list: "a list"}
 
 
 @dataclass(frozen=True)
 class Spec:
-    kind: type  # int, float, str or bool
+    kind: type  # int, float, str, bool or list
     nullable: bool = False  # null accepted (meaning documented with the default)
     min: float | None = None
     max: float | None = None
@@ -76,6 +76,10 @@ def Str(nullable: bool = False) -> Spec:
 
 def Bool() -> Spec:
     return Spec(bool)
+
+
+def List() -> Spec:
+    return Spec(list)
 
 
 def Choice(*choices: str) -> Spec:

@@ -69,8 +69,8 @@ def needed_files(root: str | Path, name: str, train_from: str = "train") -> dict
 
 
 def _normalised_items(item_path: Path, catalog: data.Catalog) -> str:
-    """item.json reduced to {item_id: {"title": ...}} for the catalog's items (upstream's copy also
-    carries long descriptions nothing here reads)."""
+    """item.json reduced to {item_id: {"title": ..., "description": ...}} for the catalog's items
+    (the description, when the item has one, feeds the RL task rl_title2sid)."""
     try:
         items = json.loads(item_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -83,6 +83,9 @@ def _normalised_items(item_path: Path, catalog: data.Catalog) -> str:
         # Prefer the item file's title; fall back to the info file's when it has none.
         title = entry.get("title") if isinstance(entry, dict) else None
         out[item_id] = {"title": title if isinstance(title, str) else catalog.titles[item_id]}
+        description = entry.get("description") if isinstance(entry, dict) else None
+        if isinstance(description, str):
+            out[item_id]["description"] = description
     return json.dumps(out, indent=2, ensure_ascii=False) + "\n"
 
 

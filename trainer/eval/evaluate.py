@@ -149,7 +149,7 @@ def _load_inputs(args) -> dict:
     from trainer.model.qwen2 import params_dict
     from trainer.data.tokenizer import load_tokenizer, newline_id, sid_token_table
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, "eval")
     ev = cfg["eval"]
     data_dir = args.data or cfg["data"]["dir"]
     tok_dir = args.tokenizer or cfg["tokenizer"]["path"]

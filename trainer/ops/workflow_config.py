@@ -104,7 +104,7 @@ def check_workflow_config(config: dict) -> None:
         for stage in STAGES:
             files = stage_configs(config, ds, stage)
             try:
-                load_config(files, overrides.get(stage, []))
+                load_config(files, overrides.get(stage, []), stage)
             except ConfigError as e:
                 raise ConfigError(f"config: datasets.{ds}.trainer={spec['trainer']} stage {stage} "
                                   f"({', '.join(files)}; overrides.{stage}): {e}") from None

@@ -54,13 +54,14 @@ class RLInputs:
     tokenizer_dir: str
     num_sids: int
     valid: dict | None  # in-training validation rows, None when off
+    sid_embeddings: np.ndarray | None  # unit item embeddings per SID (rl.reward semantic), else None
 
 
 def prepare_inputs(cfg: dict, data_dir: str) -> RLInputs:
     """Process 0: read and encode everything the run needs."""
     from trainer.data import readers as dt
+    from trainer.data import tasks
     from trainer.data import tokenizer as tk
-    from trainer.eval.evaluate import encode_prompts
 
     tok_dir = cfg["tokenizer"]["path"]
     if not tok_dir:
@@ -72,18 +73,20 @@ def prepare_inputs(cfg: dict, data_dir: str) -> RLInputs:
     if not examples:
         raise ConfigError(f"{data_dir}/train.csv has no rows to train on")
     tok = tk.load_tokenizer(tok_dir)
-    # Rollouts ask in the training wording, as upstream's RL (SidDataset) does.
-    _, encoded = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"], "sft")
+    samples = tasks.rl_samples(cfg["rl"]["tasks"], data_dir, catalog, examples, int(cfg["seed"]))
+    encoded = [tk.encode_prompt(tok, s.prompt, cfg["data"]["max_prompt_len"]) for s in samples]
     prompt_ids, prompt_mask = left_pad(encoded, tok.pad_token_id, bucketed_length(encoded))
     mcfg = ModelConfig.from_dict(cfg["model"], vocab_size=len(tok))
     template = nnx.state(build_model(mcfg, 0), nnx.Param).to_pure_dict()
     params = checkpoint.load_params(cfg["init"]["checkpoint"], template)
     return RLInputs(
         model_cfg=mcfg.to_dict(), params=jax.device_get(params), prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-        targets=np.array([catalog.sid_index[e.target_sid] for e in examples], np.int32),
+        targets=np.array([catalog.sid_index[s.sid] for s in samples], np.int32),
         sid_table=tk.sid_token_table(tok, catalog.sids), newline_id=tk.newline_id(tok),
         init_md5=md5_file(cfg["init"]["checkpoint"]), tokenizer_dir=str(tok_dir), num_sids=len(catalog.sids),
-        valid=validate.prepare(cfg, data_dir, catalog, tok))
+        valid=validate.prepare(cfg, data_dir, catalog, tok),
+        sid_embeddings=(reward.load_sid_embeddings(cfg["rl"]["item_embeddings"], catalog)
+                        if reward.needs_embeddings(cfg["rl"]["reward"]) else None))
 
 
 def _sharding_for(rows: int, mesh) -> NamedSharding:
@@ -92,11 +95,33 @@ def _sharding_for(rows: int, mesh) -> NamedSharding:
     return parallel.batch_sharding(mesh) if rows % mesh.size == 0 else parallel.replicated(mesh)
 
 
-def make_step_fns(graphdef, tx, cfg: dict, mesh, state_shardings):
+def total_steps(cfg: dict, n_prompts: int) -> int:
+    """`steps`, or with `epochs` set, HF Trainer's count: epochs x whole batches per epoch."""
+    if cfg["epochs"] is None:
+        return int(cfg["steps"])
+    return max(1, round(float(cfg["epochs"]) * max(1, n_prompts // int(cfg["rollout"]["batch_size"]))))
+
+
+def make_ref_sync(cfg: dict, ref_shardings):
+    """TRL's SyncRefModelCallback: after every `ref_model_sync_steps`-th optimizer step,
+    ref <- alpha * policy + (1 - alpha) * ref. None when rl.sync_ref_model is off."""
+    rl = cfg["rl"]
+    if not rl["sync_ref_model"]:
+        return None
+    every, alpha = int(rl["ref_model_sync_steps"]), float(rl["ref_model_mixup_alpha"])
+    if every < 1 or not 0.0 < alpha <= 1.0:
+        raise ConfigError(f"rl.ref_model_sync_steps={every} must be >= 1 and rl.ref_model_mixup_alpha={alpha} "
+                          "in (0, 1]")
+    mix = jax.jit(lambda ref, p: jax.tree.map(lambda r, x: (1.0 - alpha) * r + alpha * x, ref, p),
+                  out_shardings=ref_shardings)
+    return lambda done, ref, params: mix(ref, params) if done % every == 0 else ref
+
+
+def make_step_fns(graphdef, tx, cfg: dict, mesh, state_shardings, sid_embeddings=None):
     rl = cfg["rl"]
     logprobs, update_step = update.make_phase_fns(graphdef, tx, float(rl["clip_eps"]), float(rl["kl_coef"]),
                                                   state_shardings)
-    reward_fn = reward.get(rl["reward"])
+    reward_fn = reward.get(rl["reward"], sid_embeddings)
     g = int(cfg["rollout"]["n"])
     seq_sharding = _sharding_for(int(cfg["rollout"]["batch_size"]) * g, mesh)
 
@@ -122,11 +147,12 @@ class Trainer:
 
     def __init__(self, cfg: dict, inputs: RLInputs):
         self.cfg, self.inputs = cfg, inputs
-        self.steps, self.b, self.g = int(cfg["steps"]), int(cfg["rollout"]["batch_size"]), int(cfg["rollout"]["n"])
+        self.b, self.g = int(cfg["rollout"]["batch_size"]), int(cfg["rollout"]["n"])
         self.updates = int(cfg["rl"]["updates_per_rollout"])
         n_prompts = len(inputs.prompt_ids)
         if self.b > n_prompts:
             raise ConfigError(f"rollout.batch_size={self.b} exceeds the {n_prompts} training prompts; lower it")
+        self.steps = total_steps(cfg, n_prompts)
         mesh = parallel.make_mesh(cfg["mesh"])
         self.graphdef, _ = nnx.split(build_model(ModelConfig(**inputs.model_cfg), cfg["seed"]))
         shardings = parallel.param_shardings(inputs.params, mesh)
@@ -139,13 +165,19 @@ class Trainer:
         self.sid_table = parallel.place(inputs.sid_table, rep)
         state_shardings = (shardings, jax.tree.map(lambda x: x.sharding, self.opt_state))
         self.logprobs, self.update_step, self.score, self.build_sequences = make_step_fns(
-            self.graphdef, tx, cfg, mesh, state_shardings)
+            self.graphdef, tx, cfg, mesh, state_shardings, inputs.sid_embeddings)
+        self.sync_ref = make_ref_sync(cfg, shardings)
         self.prompt_sharding = _sharding_for(self.b, mesh)
         self.base_key = jax.random.key(int(cfg["seed"]))
         self.timings = {"rollout": 0.0, "reward_advantage": 0.0, "logprobs": 0.0, "update": 0.0, "eval": 0.0}
 
+    def saved_state(self):
+        """What the train state holds beside the params: a synced reference moves, so it goes too."""
+        return {"opt": self.opt_state, "ref": self.ref_params} if self.sync_ref else self.opt_state
+
     def restore(self, restored: dict) -> int:
-        self.params, self.opt_state, start, _ = train_state.restore(restored, self.params, self.opt_state)
+        self.params, extra, start, _ = train_state.restore(restored, self.params, self.saved_state())
+        self.opt_state, self.ref_params = (extra["opt"], extra["ref"]) if self.sync_ref else (extra, self.ref_params)
         return start
 
     def _timed(self, phase: str, fn, *args):
@@ -170,6 +202,8 @@ class Trainer:
             self.params, self.opt_state, m = self.update_step(self.params, self.opt_state, batch)
         m = jax.device_get(m)
         self.timings["update"] += time.time() - t
+        if self.sync_ref:
+            self.ref_params = self.sync_ref(step + 1, self.ref_params, self.params)
         r = parallel.to_host(rewards)
         return {"reward_mean": float(r.mean()), "accuracy": float((r >= 1.0).any(axis=1).mean()),
                 "kl": float(m["kl"]), "loss": float(m["loss"]), "pg_loss": float(m["pg_loss"]),
@@ -221,7 +255,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     trainer = Trainer(cfg, distributed.on_main(prepare_inputs, cfg, data_dir))
     state_path = train_state.state_path(out, cfg)
     restored = distributed.on_main(
-        lambda: train_state.load(state_path, trainer.params, trainer.opt_state) if state_path.exists() else None)
+        lambda: train_state.load(state_path, trainer.params, trainer.saved_state()) if state_path.exists() else None)
     start = 0
     if restored is not None:
         start = trainer.restore(restored)
@@ -241,7 +275,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         if done % max(1, steps // 20) == 0 or done == steps:
             log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if every > 0 and done % every == 0 and done < steps:
-            host_state = train_state.to_host(trainer.params, trainer.opt_state, done)
+            host_state = train_state.to_host(trainer.params, trainer.saved_state(), done)
             if main_proc:  # log first: a kill between the two writes must not lose covered lines
                 runlog.snapshot(state_path.parent)
                 train_state.save(state_path, host_state)
@@ -263,6 +297,6 @@ def main(argv: list[str]) -> int:
     distributed.start(argv)
     if distributed.is_main():
         setup_logging(args.log)
-    cfg = distributed.on_main(load_config, args.config, args.overrides)  # followers have no files
+    cfg = distributed.on_main(load_config, args.config, args.overrides, "rl")  # followers have no files
     run(cfg, args.data or cfg["data"]["dir"])
     return 0

@@ -5,6 +5,7 @@ cosine to a 1e-6 peak with 5% warmup.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import optax
@@ -16,7 +17,7 @@ OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "adamw": lambda lr, wd: optax.adamw(lr, weight_decay=wd),
     "sgd": lambda lr, wd: optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr)),
 }
-SCHEDULES = ("warmup_cosine", "constant")
+SCHEDULES = ("warmup_cosine", "warmup_linear", "constant")
 
 
 def build_schedule(sched: dict, total_steps: int) -> tuple[optax.Schedule, dict]:
@@ -27,15 +28,19 @@ def build_schedule(sched: dict, total_steps: int) -> tuple[optax.Schedule, dict]
     if kind == "constant":
         return optax.constant_schedule(peak), {"type": kind, "peak_value": peak}
     warmup = sched["warmup_steps"]
-    if warmup is None:
-        warmup = int(total_steps * float(sched["warmup_ratio"]))
+    if warmup is None:  # HF TrainingArguments.get_warmup_steps rounds up
+        warmup = math.ceil(total_steps * float(sched["warmup_ratio"]))
     warmup = max(0, min(int(warmup), total_steps))
     decay_steps = max(total_steps, warmup + 1)
-    fn = optax.warmup_cosine_decay_schedule(
-        init_value=float(sched["init_value"]), peak_value=peak, warmup_steps=warmup,
-        decay_steps=decay_steps, end_value=float(sched["end_value"]))
+    init, end = float(sched["init_value"]), float(sched["end_value"])
+    if kind == "warmup_cosine":  # HF "cosine": linear warmup, then half a cosine to end_value
+        fn = optax.warmup_cosine_decay_schedule(init_value=init, peak_value=peak, warmup_steps=warmup,
+                                                decay_steps=decay_steps, end_value=end)
+    else:  # HF "linear": linear warmup, then linear decay to end_value at the last step
+        fn = optax.join_schedules([optax.linear_schedule(init, peak, max(warmup, 1)),
+                                   optax.linear_schedule(peak, end, decay_steps - warmup)], [warmup])
     return fn, {"type": kind, "peak_value": peak, "warmup_steps": warmup, "decay_steps": decay_steps,
-                "init_value": float(sched["init_value"]), "end_value": float(sched["end_value"])}
+                "init_value": init, "end_value": end}
 
 
 def build_optimizer(opt: dict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule, dict[str, Any]]:

@@ -1,7 +1,8 @@
 """Supervised fine-tuning to an "SFT best" checkpoint.
 
-`python -m trainer sft --config C --data DIR [--set ...]` trains on the sequential task (history of
-SIDs -> next SID) plus the item alignment task (title -> SID), response-only cross-entropy, and keeps
+`python -m trainer sft --config C --data DIR [--set ...]` trains on the tasks `sft.tasks` (default:
+history of SIDs -> next SID plus title -> SID; trainer/data/tasks.py), response-only cross-entropy
+averaged over response tokens, and keeps
 the best params by `sft.best_metric` on the first `sft.eval_samples` valid rows: `valid/loss`, or
 `valid/hr@K` / `valid/ndcg@K` (K in 1, 3, 5, 10, 20, 50) from K-beam constrained decoding in batches of
 `eval.batch_size`. Process 0 prepares the data, decodes and writes every file; other processes receive
@@ -10,6 +11,7 @@ token arrays and metrics by broadcast. A rerun resumes from the last train state
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from trainer.model import checkpoint
 from trainer.train import distributed
 from trainer.train import parallel
 from trainer.train import train_state
-from trainer.data.batching import left_pad, prompt_plus_response, response_ids
+from trainer.data.batching import left_pad
 from trainer.cli import base_parser
 from trainer.decode.beam import check_num_beams
 from trainer.eval.evaluate import build_records, predict_sid_rows
@@ -39,7 +41,7 @@ from trainer.train.optim import build_optimizer
 from trainer.runlog import RunLog
 
 log = logging.getLogger("trainer")
-N_RESP = 5  # a, b, c, newline, eos
+N_RESP = 5  # a SID answer: a, b, c, newline, eos (batches without a resp_mask hold only these)
 
 
 def parse_best_metric(name: str) -> tuple[str, int | None]:
@@ -63,56 +65,65 @@ def build_tokenizer(cfg: dict, catalog, texts: list[str]):
     return tk.train_bpe_tokenizer(texts, catalog.sids, cfg["tokenizer"]["bpe_vocab_size"])
 
 
-def encode_task(tok, prompts: list[str], sid_index: np.ndarray, sid_table, max_prompt_len: int, n_resp: int):
-    """(ids, mask, prompt token lists): left-padded prompt + response, and the bare prompts."""
+def encode_samples(tok, samples, sid_table, sid_pos: dict, max_prompt_len: int):
+    """(ids [N, L], mask [N, L], response mask [N, R], prompt token lists) for prompt + answer + EOS.
+
+    Rows are left padded, so every answer ends at the last position; R is the longest answer and
+    the response mask marks each row's own answer tokens among the last R positions.
+    """
     from trainer.data import tokenizer as tk
 
-    encoded = [tk.encode_prompt(tok, p, max_prompt_len) for p in prompts]
-    prompt_ids, prompt_mask = left_pad(encoded, tok.pad_token_id)
-    eos = tok.eos_token_id if n_resp == 5 else None
-    resp = response_ids(sid_table, sid_index, tk.newline_id(tok), eos)
-    return (*prompt_plus_response(prompt_ids, prompt_mask, resp), encoded)
+    nl, eos = tk.newline_id(tok), tok.eos_token_id
+    prompts_ids = [tk.encode_prompt(tok, s.prompt, max_prompt_len) for s in samples]
+    answers = [list(sid_table[sid_pos[s.sid]]) + [nl, eos] if s.sid is not None
+               else tok.encode(s.text + "\n", add_special_tokens=False) + [eos] for s in samples]
+    ids, mask = left_pad([p + a for p, a in zip(prompts_ids, answers)], tok.pad_token_id)
+    r = max(len(a) for a in answers)
+    resp_mask = np.zeros((len(samples), r), np.float32)
+    for i, a in enumerate(answers):
+        resp_mask[i, r - len(a):] = 1.0
+    return ids, mask, resp_mask, prompts_ids
 
 
 def prepare_data(cfg: dict, data_dir: str) -> dict:
-    """Process 0: read the dataset, build the tokenizer, encode both tasks as token arrays."""
+    """Process 0: read the dataset, build the tokenizer, encode the tasks as token arrays."""
     from trainer.data import readers as dt
-    from trainer.data import prompts
+    from trainer.data import tasks
     from trainer.data import tokenizer as tk
 
     catalog = dt.load_catalog(data_dir)
     train = dt.read_split(data_dir, "train", catalog, cfg["data"]["max_history"])
     valid = dt.read_split(data_dir, "valid", catalog, cfg["data"]["max_history"])
-    sid_pos = {s: i for i, s in enumerate(catalog.sids)}
-    seq_prompts = [prompts.sequential_prompt(e.history_sids) for e in train]
-    seq_targets = [sid_pos[e.target_sid] for e in train]
-    if cfg["data"]["alignment_task"]:
-        pairs = dt.load_alignment_pairs(catalog)
-        seq_prompts += [prompts.alignment_prompt(title) for title, _ in pairs]
-        seq_targets += [sid_pos[sid] for _, sid in pairs]
-    tok = build_tokenizer(cfg, catalog, [p.text for p in seq_prompts])
+    sid_pos = catalog.sid_index
+    samples = tasks.sft_samples(cfg["sft"]["tasks"], data_dir, catalog, train, cfg["data"]["category"],
+                                int(cfg["seed"]))
+    tok = build_tokenizer(cfg, catalog, [s.prompt.text + (s.text or "") for s in samples])
     table = tk.sid_token_table(tok, catalog.sids)
     mpl = cfg["data"]["max_prompt_len"]
-    train_ids, train_mask, _ = encode_task(tok, seq_prompts, np.array(seq_targets), table, mpl, N_RESP)
-    n_valid = min(len(valid), cfg["sft"]["eval_samples"])
+    train_ids, train_mask, train_resp, _ = encode_samples(tok, samples, table, sid_pos, mpl)
+    limit = cfg["sft"]["eval_samples"]
+    n_valid = len(valid) if limit is None else min(len(valid), limit)
     if n_valid == 0:
         raise ConfigError(f"{data_dir}: valid.csv has no rows (or sft.eval_samples=0); SFT selects its best "
                           "checkpoint on the valid split, so add rows or raise sft.eval_samples")
-    valid_targets = np.array([sid_pos[e.target_sid] for e in valid[:n_valid]])
-    valid_ids, valid_mask, valid_prompts = encode_task(
-        tok, [prompts.sequential_prompt(e.history_sids) for e in valid[:n_valid]], valid_targets, table, mpl, N_RESP)
+    valid_samples = tasks.sft_samples(["next_item"], data_dir, catalog, valid[:n_valid], None, 0)
+    valid_ids, valid_mask, valid_resp, valid_prompts = encode_samples(tok, valid_samples, table, sid_pos, mpl)
     return {"tokenizer": tok, "vocab_size": len(tok), "train_ids": train_ids, "train_mask": train_mask,
-            "valid_ids": valid_ids, "valid_mask": valid_mask, "num_sids": len(catalog.sids),
+            "train_resp": train_resp, "valid_ids": valid_ids, "valid_mask": valid_mask, "valid_resp": valid_resp,
+            "num_sids": len(catalog.sids),
             # what process 0 needs to decode the valid prompts (sft.best_metric valid/hr@K, valid/ndcg@K)
-            "valid_prompts": valid_prompts, "valid_targets": valid_targets, "sids": catalog.sids,
-            "sid_table": table, "pad_id": tok.pad_token_id, "newline_id": tk.newline_id(tok)}
+            "valid_prompts": valid_prompts, "valid_targets": np.array([sid_pos[s.sid] for s in valid_samples]),
+            "sids": catalog.sids, "sid_table": table, "pad_id": tok.pad_token_id, "newline_id": tk.newline_id(tok)}
 
 
 def make_steps(graphdef, tx):
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
-        lp = response_logprobs(model, batch["input_ids"], batch["attention_mask"], N_RESP)
-        return -lp.mean()
+        resp = batch.get("resp_mask")
+        if resp is None:
+            resp = jnp.ones((batch["input_ids"].shape[0], N_RESP), jnp.float32)
+        lp = response_logprobs(model, batch["input_ids"], batch["attention_mask"], resp.shape[1])
+        return -(lp * resp).sum() / jnp.maximum(resp.sum(), 1.0)
 
     @jax.jit
     def train_step(params, opt_state, batch):
@@ -127,13 +138,30 @@ def make_steps(graphdef, tx):
     return train_step, eval_loss
 
 
+def resolve_schedule(sft: dict, n_train: int) -> tuple[int, int]:
+    """(steps, eval_every): `sft.epochs` counts steps as HF Trainer does (whole batches per epoch);
+    an eval_every below 1 is a fraction of the steps, rounded up like HF's eval_steps."""
+    steps = int(sft["steps"])
+    if sft["epochs"] is not None:
+        steps = max(1, round(float(sft["epochs"]) * max(1, n_train // int(sft["batch_size"]))))
+    every = sft["eval_every"]
+    if every < 1:
+        every = math.ceil(steps * every)
+    return steps, int(every)
+
+
 def run(cfg: dict, data_dir: str) -> dict | None:
     out = Path(cfg["output_dir"])
     main_proc = distributed.is_main()
     sft = cfg["sft"]
-    for key in ("steps", "batch_size", "eval_every", "checkpoint_every", "eval_samples"):
+    for key in ("steps", "batch_size", "checkpoint_every", "eval_samples"):
+        if key == "eval_samples" and sft[key] is None:
+            continue
         if not isinstance(sft[key], int) or sft[key] < 1:
             raise ConfigError(f"sft.{key}={sft[key]!r}: must be an integer >= 1")
+    patience = sft["early_stopping_patience"]
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        raise ConfigError(f"sft.early_stopping_patience={patience!r}: must be an integer >= 1 or null")
     _, beams = parse_best_metric(sft["best_metric"])  # fail before any work on a typo
     kept = {}
 
@@ -155,11 +183,11 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     graphdef, state = nnx.split(model)
     params = state.to_pure_dict()  # plain nested dicts: serialisable with the optimizer state
 
-    steps, bs = int(sft["steps"]), int(sft["batch_size"])
-    n_train = len(bundle["train_ids"])
+    bs, n_train = int(sft["batch_size"]), len(bundle["train_ids"])
+    steps, eval_every = resolve_schedule(sft, n_train)
     if bs > n_train:
         raise ConfigError(f"sft.batch_size={bs} exceeds the {n_train} training sequences of {data_dir} "
-                          f"(train.csv rows plus alignment pairs); lower sft.batch_size to at most {n_train}")
+                          f"(the samples of sft.tasks); lower sft.batch_size to at most {n_train}")
     trie = None
     if beams is not None:  # valid/hr@K or valid/ndcg@K: K-beam constrained decoding of the valid prompts
         trie = build_trie(bundle["sid_table"])
@@ -183,17 +211,17 @@ def run(cfg: dict, data_dir: str) -> dict | None:
 
     runlog = RunLog(out, cfg, main_proc, "sft", resume_step=start, state_dir=state_path.parent)
     best_path = state_path.parent / "sft_best.msgpack"  # moved to the output when the run ends
-    valid = {"input_ids": bundle["valid_ids"], "attention_mask": bundle["valid_mask"]}
+    valid = {"input_ids": bundle["valid_ids"], "attention_mask": bundle["valid_mask"], "resp_mask": bundle["valid_resp"]}
     higher_is_better = sft["best_metric"] != "valid/loss"
-    t0, tokens = time.time(), 0
+    t0, tokens, stopped_at = time.time(), 0, None
     for step in tqdm(range(start, steps), desc="sft", disable=not main_proc, initial=start, total=steps):
         rows = train_state.batch_rows(n_train, bs, step, cfg["seed"])
-        batch = parallel.global_batch({"input_ids": bundle["train_ids"][rows],
-                                       "attention_mask": bundle["train_mask"][rows]}, mesh)
+        batch = parallel.global_batch({"input_ids": bundle["train_ids"][rows], "attention_mask": bundle["train_mask"][rows],
+                                       "resp_mask": bundle["train_resp"][rows]}, mesh)
         params, opt_state, m = train_step(params, opt_state, batch)
         tokens += int(bundle["train_mask"][rows].sum())
         done = step + 1
-        if done % sft["eval_every"] == 0 or done == steps:
+        if done % eval_every == 0 or done == steps:
             metrics = {"train/loss": float(m["loss"]), "train/grad_norm": float(m["grad_norm"]),
                        "lr": float(schedule(step)), "valid/loss": _mean_eval_loss(eval_loss, params, valid, mesh)}
             host_params = None
@@ -212,6 +240,11 @@ def run(cfg: dict, data_dir: str) -> dict | None:
                     checkpoint.save_params(best_path, host_params)
             runlog.log(done, metrics)
             log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            # EarlyStoppingCallback: stop after `patience` evaluations in a row without a new best
+            if patience is not None and (done - best_step) // eval_every >= patience and done < steps:
+                log.info("early stop at step %d: no better %s since step %d", done, sft["best_metric"], best_step)
+                stopped_at = done
+                break
         if done % sft["checkpoint_every"] == 0 and done < steps:
             host_state = train_state.to_host(params, opt_state, done, {
                 "best": np.nan if best is None else best, "best_step": -1 if best_step is None else best_step})
@@ -227,7 +260,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     best_path.replace(out / "sft_best.msgpack")
     summary = {
         "kind": "sft", "best_metric": sft["best_metric"], "best_value": best, "best_step": best_step,
-        "steps": steps, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
+        "steps": steps, "stopped_at": stopped_at, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
         "process_count": jax.process_count(), "device_count": jax.device_count(),
         "optimizer": opt_desc, "model": mcfg.to_dict(), "num_sids": bundle["num_sids"],
         "train_sequences": n_train, "curves": runlog.history(),
@@ -263,6 +296,6 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv[1:])
     setup_logging(args.log)
     distributed.start(argv)
-    cfg = distributed.on_main(load_config, args.config, args.overrides)  # followers have no files
+    cfg = distributed.on_main(load_config, args.config, args.overrides, "sft")  # followers have no files
     run(cfg, args.data or cfg["data"]["dir"])
     return 0
