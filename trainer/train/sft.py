@@ -154,14 +154,10 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     out = Path(cfg["output_dir"])
     main_proc = distributed.is_main()
     sft = cfg["sft"]
-    for key in ("steps", "batch_size", "checkpoint_every", "eval_samples"):
-        if key == "eval_samples" and sft[key] is None:
-            continue
+    for key in ("steps", "batch_size", "checkpoint_every"):
         if not isinstance(sft[key], int) or sft[key] < 1:
             raise ConfigError(f"sft.{key}={sft[key]!r}: must be an integer >= 1")
     patience = sft["early_stopping_patience"]
-    if patience is not None and (not isinstance(patience, int) or patience < 1):
-        raise ConfigError(f"sft.early_stopping_patience={patience!r}: must be an integer >= 1 or null")
     _, beams = parse_best_metric(sft["best_metric"])  # fail before any work on a typo
     kept = {}
 
