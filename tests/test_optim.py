@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import jax
 import jax.numpy as jnp
@@ -96,5 +97,26 @@ def test_unknown_optimizer_lists_valid_names():
 
 
 def test_unknown_schedule_type():
-    with pytest.raises(ConfigError, match=r"lr_schedule\.type: unknown 'linear'; valid: warmup_cosine, constant"):
+    with pytest.raises(ConfigError,
+                       match=r"lr_schedule\.type: unknown 'linear'; valid: warmup_cosine, warmup_linear, constant"):
         build_optimizer(opt_cfg(lr_schedule={"type": "linear"}), total_steps=10)
+
+
+@pytest.mark.parametrize("kind,hf_name", [("warmup_linear", "linear"), ("warmup_cosine", "cosine")])
+def test_schedules_equal_hf_trainers(kind, hf_name):
+    # upstream's SFT (HF default "linear", 20 warmup steps) and RL ("cosine", warmup_ratio 0.03)
+    import torch
+    from transformers import get_scheduler
+
+    total = 200
+    sched = {"type": kind, "peak_value": 1.0, "warmup_steps": 20 if kind == "warmup_linear" else None,
+             "warmup_ratio": 0.03}
+    fn, desc = build_schedule(opt_cfg(lr_schedule=sched)["lr_schedule"], total)
+    warmup = 20 if kind == "warmup_linear" else math.ceil(total * 0.03)  # HF get_warmup_steps rounds up
+    assert desc["warmup_steps"] == warmup
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    hf = get_scheduler(hf_name, opt, num_warmup_steps=warmup, num_training_steps=total)
+    for step in range(total):
+        assert float(fn(step)) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-6), step
+        opt.step()
+        hf.step()
