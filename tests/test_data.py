@@ -216,7 +216,8 @@ def test_prepare_data_minionerec_from_fixture(tmp_path):
     assert info["train_rows"] == 2 and info["num_sids"] == 2
     assert (out / "train.csv").read_bytes() == src["valid"].read_bytes()
     assert (out / "info.txt").read_bytes() == src["info"].read_bytes()
-    assert json.loads((out / "item.json").read_text()) == {k: {"title": f"T{k}"} for k in INDEX}
+    # titles and descriptions kept (rl_title2sid reads descriptions); other fields dropped
+    assert json.loads((out / "item.json").read_text()) == {k: {"title": f"T{k}", "description": "long"} for k in INDEX}
 
 
 def test_prepare_data_missing_file_message(tmp_path, capsys):

@@ -49,7 +49,7 @@ def test_ranking_penalties_of_wrong_beams():
 
 
 def test_unknown_reward_names_key_and_choices():
-    with pytest.raises(ConfigError, match=r"rl.reward: unknown 'ndcg'.*ranking, rule"):
+    with pytest.raises(ConfigError, match=r"rl.reward: unknown 'ndcg'.*ranking, ranking_only, rule, semantic"):
         reward.get("ndcg")
 
 
