@@ -134,6 +134,9 @@ def sft_samples(names: list[str], data_dir, catalog: Catalog, train: list[Exampl
     for name in names:
         if name == "next_item":  # SidSFTDataset
             out += [Sample(prompts.sequential_prompt(e.history_sids), sid=e.target_sid) for e in train]
+        elif name == "history_prefixes":  # not upstream's: every earlier step of each history
+            out += [Sample(prompts.sequential_prompt(e.history_sids[:k]), sid=e.history_sids[k])
+                    for e in train for k in range(1, len(e.history_sids))]
         elif name == "title2sid":  # SidItemFeatDataset, title -> SID half
             out += [Sample(prompts.alignment_prompt(t), sid=s) for t, s in load_alignment_pairs(catalog)]
         elif name == "sid2title":  # SidItemFeatDataset, SID -> title half
@@ -170,6 +173,8 @@ def rl_samples(names: list[str], data_dir, catalog: Catalog, train: list[Example
         elif name == "rl_next_item":  # SidDataset
             out += [Sample(rl_prompt(prompts.sequential_user_input(e.history_sids)), sid=e.target_sid) for e in train]
         elif name == "rl_title2sid":  # RLTitle2SidDataset: title -> SID, then description -> SID
+            # (upstream's prompt also carries the answer after "### Response:\n", a leak we leave out,
+            # and keeps blank descriptions, which we drop)
             text = ItemText(data_dir, catalog)
             out += [Sample(rl_prompt(prompts.alignment_user_input(t)), sid=s) for t, s in text.title2sid.items()]
             out += [Sample(rl_prompt(f'An item can be described as follows: "{d}". Which item is it describing?'),
@@ -185,5 +190,6 @@ def rl_samples(names: list[str], data_dir, catalog: Catalog, train: list[Example
     return out
 
 
-SFT_TASKS = ("next_item", "title2sid", "sid2title", "sid_history2title", "title_history2title", "title_history2sid")
+SFT_TASKS = ("next_item", "history_prefixes", "title2sid", "sid2title", "sid_history2title", "title_history2title",
+             "title_history2sid")
 RL_TASKS = ("next_item", "rl_next_item", "rl_title2sid", "rl_seq_title2sid")
