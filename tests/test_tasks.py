@@ -58,11 +58,11 @@ def test_rl_prompts_equal_upstreams(office):
     up, src = office["upstream"], office["src"]
     ours = tasks.rl_samples(["rl_next_item"], office["data"], office["catalog"], office["train"], 42)
     theirs = up.SidDataset(str(src["valid"]), category=CATEGORY)
-    assert [(s.prompt, s.sid + "\n") for s in ours] == [(x["prompt"], x["completion"]) for x in theirs.inputs]
+    assert [(s.prompt.text, s.sid + "\n") for s in ours] == [(x["prompt"], x["completion"]) for x in theirs.inputs]
 
     ours = tasks.rl_samples(["rl_seq_title2sid"], office["data"], office["catalog"], office["train"], 42)
     theirs = up.RLSeqTitle2SidDataset(str(src["valid"]), category=CATEGORY)  # all rows (< 10,000)
-    assert [(s.prompt, s.sid + "\n") for s in ours] == [(x["prompt"], x["completion"]) for x in theirs.inputs]
+    assert [(s.prompt.text, s.sid + "\n") for s in ours] == [(x["prompt"], x["completion"]) for x in theirs.inputs]
 
     ours = tasks.rl_samples(["rl_title2sid"], office["data"], office["catalog"], office["train"], 42)
     theirs = up.RLTitle2SidDataset(str(src["item"]), str(src["index"]), category=CATEGORY)
@@ -70,7 +70,7 @@ def test_rl_prompts_equal_upstreams(office):
     kept = [x for x, d in zip(theirs.inputs, theirs.data) if d["input"].strip()]
     # Upstream's generate_prompt leaves the answer after "### Response:\n" in the prompt (the answer
     # leak its README reports fixing for the SFT alignment task); ours ends at "### Response:\n".
-    assert [(s.prompt + s.sid, s.sid + "\n") for s in ours] == [(x["prompt"], x["completion"]) for x in kept]
+    assert [(s.prompt.text + s.sid, s.sid + "\n") for s in ours] == [(x["prompt"], x["completion"]) for x in kept]
 
 
 def _decoded(tok, dataset) -> list[str]:
@@ -85,8 +85,8 @@ def test_sft_samples_equal_upstreams(office, task, cls, kind):
     from trainer.data import tokenizer as tk
 
     samples = tasks.sft_samples([task], office["data"], office["catalog"], office["train"], CATEGORY, 42)
-    tok = tk.train_bpe_tokenizer([s.prompt + (s.text or "") for s in samples], office["catalog"].sids, 600)
-    ours = [s.prompt + (s.sid if s.sid is not None else s.text) + "\n" + tok.eos_token for s in samples]
+    tok = tk.train_bpe_tokenizer([s.prompt.text + (s.text or "") for s in samples], office["catalog"].sids, 600)
+    ours = [s.prompt.text + (s.sid if s.sid is not None else s.text) + "\n" + tok.eos_token for s in samples]
     src, up = office["src"], office["upstream"]
     kwargs = {"tokenizer": tok, "seed": 42, "category": CATEGORY}
     if kind == "seq":
@@ -98,5 +98,5 @@ def test_sft_samples_equal_upstreams(office, task, cls, kind):
         theirs.inputs = [x for x, d in zip(theirs.inputs, theirs.data) if d["task"] == "sid2title"]
         # its prompt already holds the answer after "### Response:\n" (the leak upstream's README
         # reports fixing); ours does not
-        ours = [s.prompt + s.text + s.text + "\n" + tok.eos_token for s in samples]
+        ours = [s.prompt.text + s.text + s.text + "\n" + tok.eos_token for s in samples]
     assert ours == _decoded(tok, theirs)
