@@ -64,6 +64,27 @@ def test_corrupted_eval_copy_is_refused_then_recovered(demo_run, tmp_path):
         stop_emulator(wd / EMULATOR_ROOT)
 
 
+def test_failed_crosscheck_keeps_its_report(demo_run, tmp_path):
+    """A summary that disagrees with upstream calc.py: the job fails, Snakemake deletes its output,
+    and the report stays in logs/crosscheck/ (nothing downstream runs)."""
+    wd = clone_run(demo_run[0], tmp_path / "wf")
+    try:
+        path = wd / "results/demo/sft/run_summary.json"
+        summary = read_json(path)
+        summary["eval/hr@10"] += 0.25
+        path.write_text(json.dumps(summary))  # newer than the cross-check: it reruns
+        proc = snakemake(wd, "results/demo/metrics.json")
+        assert proc.returncode != 0
+        assert finished_rules(output_of(proc))["metrics"] == 0
+        assert not (wd / "results/demo/sft/calc_crosscheck.json").exists()
+        kept = read_json(wd / "logs/crosscheck/demo_sft.failed.json")
+        assert kept["passed"] is False and kept["metrics"]["eval/hr@10"]["passed"] is False
+        assert kept["tool"].startswith("upstream:calc.py@") or kept["tool"].startswith("package:")
+        assert "logs/crosscheck/demo_sft.failed.json" in describe(proc, wd)
+    finally:
+        stop_emulator(wd / EMULATOR_ROOT)
+
+
 # ------------------------------------------------------------------------ bad configuration
 
 
