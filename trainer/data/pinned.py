@@ -65,12 +65,16 @@ def _fetch(url: str) -> bytes:
         return resp.read()
 
 
-def check_pinned(blob: bytes, path: str, pins: dict[str, str], source: str) -> str:
-    """The blob id of `blob`; DataError naming both ids when it is not the pin of `path`."""
-    want = pins.get(path)
-    if want is None:
+def pin_of(path: str, pins: dict[str, str], source: str) -> str:
+    if path not in pins:
         raise DataError(f"{source}: no pinned git blob id for '{path}' in the pin file; add it there "
                         "(`git hash-object FILE` of the file at the pinned commit)")
+    return pins[path]
+
+
+def check_pinned(blob: bytes, path: str, pins: dict[str, str], source: str) -> str:
+    """The blob id of `blob`; DataError naming both ids when it is not the pin of `path`."""
+    want = pin_of(path, pins, source)
     got = git_blob_id(blob)
     if got != want:
         raise DataError(f"{source}: git blob id {got} does not match the pinned {want} for '{path}'; "
@@ -81,8 +85,7 @@ def check_pinned(blob: bytes, path: str, pins: dict[str, str], source: str) -> s
 def fetch_pinned(path: str, dest: str | Path, repo: str, commit: str, pins: dict[str, str],
                  fetch=_fetch, log=None) -> Path:
     """Download `path` at `commit` to `dest`, verified against its pin (FetchError: unreachable)."""
-    if path not in pins:
-        check_pinned(b"", path, pins, str(dest))
+    pin_of(path, pins, str(dest))  # before any network access
     url = raw_url(repo, commit, path)
     try:
         blob = fetch(url)
