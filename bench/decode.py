@@ -76,11 +76,11 @@ def bench_model(args):
 def ours_decode(model, prompts, trie, beams, batch):
     """Decode all prompts in batches; returns (rows [N, beams], seconds excluding compile)."""
     mask = np.ones_like(prompts[:batch])
-    jax.block_until_ready(constrained_beam_search(model, prompts[:batch], mask, trie, beams, NEWLINE))  # compile
+    jax.block_until_ready(constrained_beam_search(model, prompts[:batch], mask, trie, beams, NEWLINE, EOS))  # compile
     out = []
     t0 = time.perf_counter()
     for s in range(0, len(prompts), batch):
-        rows, _ = constrained_beam_search(model, prompts[s:s + batch], mask, trie, beams, NEWLINE)
+        rows, _ = constrained_beam_search(model, prompts[s:s + batch], mask, trie, beams, NEWLINE, EOS)
         out.append(np.asarray(rows))
     return np.concatenate(out), time.perf_counter() - t0
 
@@ -120,7 +120,7 @@ def per_step_times(model, prompts, beams, batch, sizes, repeats):
     tries = {n: build_trie(synthetic_table(n, seed=n)) for n in sizes}
     calls = {"prefill": lambda: prefill(state, ids, mask)}
     for n, trie in tries.items():
-        calls[n] = functools.partial(constrained_beam_search, model, ids, mask, trie, beams, NEWLINE)
+        calls[n] = functools.partial(constrained_beam_search, model, ids, mask, trie, beams, NEWLINE, EOS)
     best = {}
     for fn in calls.values():
         jax.block_until_ready(fn())  # compile

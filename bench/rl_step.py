@@ -36,7 +36,7 @@ from trainer.rl.loop import make_step_fns  # noqa: E402
 from trainer.decode.trie import build_trie  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT_VOCAB, CODEBOOK = 400, 32  # prompt tokens 0..399, then 3 code levels, then the newline
+TEXT_VOCAB, CODEBOOK = 400, 32  # prompt tokens 0..399, then 3 code levels, then the newline and EOS
 
 
 def _catalog(num_sids: int, seed: int) -> np.ndarray:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
         targets = parallel.place(rng.integers(0, len(table), size=args.batch).astype(np.int32), rep)
         t = {}
         sid_index, t["rollout"] = _timed(rollout.rollout, graphdef, params, prompt_ids, prompt_mask, trie,
-                                         cfg["rollout"], newline, jax.random.key(step))
+                                         cfg["rollout"], newline, newline + 1, jax.random.key(step))
         rewards, t["reward"] = _timed(reward_fn, sid_index, targets)
         adv, t["advantage"] = _timed(adv_fn, rewards)
 

@@ -20,14 +20,22 @@ def _tree_equal(a, b):
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
-def test_params_round_trip_restores_int_layer_keys(tmp_path):
+def test_params_round_trip_keeps_the_stacked_layers(tmp_path):
     params = params_dict(build_model(CFG, seed=1))
     save_params(tmp_path / "p.msgpack", params)
     assert [p.name for p in tmp_path.iterdir()] == ["p.msgpack"]  # no temp file left behind
+    assert read_msgpack(tmp_path / "p.msgpack")["layers"]["mlp"]["up_proj"]["kernel"].shape == (2, 16, 24)
     template = params_dict(build_model(CFG, seed=2))
     loaded = load_params(tmp_path / "p.msgpack", template)
-    assert set(loaded["layers"]) == {0, 1}
     _tree_equal(loaded, params)
+
+
+def test_per_layer_files_from_before_the_scan_still_load(tmp_path):
+    params = jax.tree.map(np.asarray, params_dict(build_model(CFG, seed=1)))
+    legacy = {**params, "layers": {str(i): jax.tree.map(lambda x: x[i], params["layers"]) for i in range(2)}}
+    save_params(tmp_path / "old.msgpack", legacy)
+    assert set(read_msgpack(tmp_path / "old.msgpack")["layers"]) == {"0", "1"}
+    _tree_equal(load_params(tmp_path / "old.msgpack", params_dict(build_model(CFG, seed=2))), params)
 
 
 def test_load_into_model_reproduces_logits(tmp_path):
@@ -52,14 +60,14 @@ def test_missing_and_truncated_files(tmp_path):
 
 def test_wrong_shape_and_dtype_list_the_keys(tmp_path):
     params = jax.tree.map(np.asarray, params_dict(build_model(CFG)))
-    params["layers"][1]["mlp"]["up_proj"]["kernel"] = np.zeros((16, 25), np.float32)
+    params["layers"]["mlp"]["up_proj"]["kernel"] = np.zeros((2, 16, 25), np.float32)
     params["norm"]["weight"] = params["norm"]["weight"].astype(np.float16)
     save_params(tmp_path / "p.msgpack", params)
     with pytest.raises(CheckpointError) as e:
         load_params(tmp_path / "p.msgpack", params_dict(build_model(CFG)))
     msg = str(e.value)
     assert "p.msgpack" in msg
-    assert "layers/1/mlp/up_proj/kernel: shape (16, 25) in file, model expects (16, 24)" in msg
+    assert "layers/mlp/up_proj/kernel: shape (2, 16, 25) in file, model expects (2, 16, 24)" in msg
     assert "norm/weight: dtype float16 in file, model expects float32" in msg
 
 

@@ -60,9 +60,13 @@ def prompts():
 def test_full_beam_equals_brute_force_ranking(model, table, prompts):
     ids, mask = prompts
     trie = build_trie(table)
-    rows, scores = constrained_beam_search(model, ids, mask, trie, len(table), NEWLINE)
+    rows, scores = constrained_beam_search(model, ids, mask, trie, len(table), NEWLINE, EOS)
     rows, scores = np.asarray(rows), np.asarray(scores)
-    exact = np.asarray(sequence_logprobs(model, ids, mask, table, NEWLINE)).sum(-1)  # [3, num_sids]
+    lp = np.asarray(sequence_logprobs(model, ids, mask, table, NEWLINE, EOS))  # [3, num_sids, 5]
+    exact = lp.sum(-1)
+    # The newline's and EOS's log-probs are part of the score and change the order (upstream's
+    # generate to EOS): ranking by the 3 code tokens alone would differ.
+    assert not np.array_equal(np.argsort(-lp[..., :3].sum(-1), axis=1), np.argsort(-exact, axis=1))
     np.testing.assert_array_equal(rows, np.argsort(-exact, axis=1, kind="stable"))
     np.testing.assert_allclose(scores, -np.sort(-exact, axis=1), atol=1e-4)
     assert np.all(np.diff(scores, axis=1) <= 0)  # best first
@@ -73,35 +77,37 @@ def test_full_beam_equals_brute_force_ranking(model, table, prompts):
 def test_sequence_logprobs_are_full_vocab_log_softmax(model, table, prompts):
     ids, mask = prompts
     sid = table[:1]
-    lp = np.asarray(sequence_logprobs(model, ids, mask, sid, NEWLINE))[:, 0]  # [3, 4]
-    full = np.concatenate([ids, np.repeat(np.append(sid[0], NEWLINE)[None], 3, 0)], axis=1)
-    logits, _ = model(jnp.asarray(full), jnp.ones_like(jnp.asarray(full)))
-    ref = jax.nn.log_softmax(np.asarray(logits)[:, 8:12], axis=-1)
-    expect = np.take_along_axis(np.asarray(ref), full[:, 9:13, None], axis=-1)[..., 0]
+    lp = np.asarray(sequence_logprobs(model, ids, mask, sid, NEWLINE, EOS))[:, 0]  # [3, 5]
+    full = np.concatenate([ids, np.repeat(np.append(sid[0], [NEWLINE, EOS])[None], 3, 0)], axis=1)
+    logits = model(jnp.asarray(full), jnp.ones_like(jnp.asarray(full)))
+    ref = jax.nn.log_softmax(np.asarray(logits)[:, 8:13], axis=-1)
+    expect = np.take_along_axis(np.asarray(ref), full[:, 9:14, None], axis=-1)[..., 0]
     np.testing.assert_allclose(lp, expect, atol=1e-5)
     assert np.all(lp < -0.01)  # real probabilities spread over the vocab, not a degenerate model
 
 
-def test_matches_transformers_beam_search(model, table, prompts, tmp_path):
+def test_matches_transformers_beam_search_to_eos(model, table, prompts, tmp_path):
     ids, mask = prompts
     beams = 5
     hf_io.export_hf(params_dict(model), CFG, tmp_path / "hf")
     tm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     fn = hf_prefix_allowed_tokens_fn(table, ids.shape[1], NEWLINE, EOS)
+    # As upstream's evaluate.py: no length penalty, generation runs until every beam has hit EOS
+    # (max_new_tokens is only a cap), so the newline's and EOS's log-probs are in sequences_scores.
     with torch.no_grad():
         out = tm.generate(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask), num_beams=beams,
-                          num_return_sequences=beams, do_sample=False, length_penalty=0.0, max_new_tokens=4,
-                          early_stopping=True, prefix_allowed_tokens_fn=fn, eos_token_id=EOS, pad_token_id=EOS,
+                          num_return_sequences=beams, do_sample=False, length_penalty=0.0, max_new_tokens=32,
+                          prefix_allowed_tokens_fn=fn, eos_token_id=EOS, pad_token_id=EOS,
                           output_scores=True, return_dict_in_generate=True)
-    seqs = out.sequences[:, ids.shape[1]:].numpy().reshape(3, beams, 4)
-    assert (seqs[..., 3] == NEWLINE).all()
+    seqs = out.sequences[:, ids.shape[1]:].numpy().reshape(3, beams, -1)
+    assert seqs.shape[-1] == 5 and (seqs[..., 3] == NEWLINE).all() and (seqs[..., 4] == EOS).all()
     lookup = sid_index_lookup(table)
     hf_rows = np.array([[lookup[tuple(s[:3])] for s in row] for row in seqs.tolist()])
-    rows, scores = constrained_beam_search(model, ids, mask, build_trie(table), beams, NEWLINE)
+    rows, scores = constrained_beam_search(model, ids, mask, build_trie(table), beams, NEWLINE, EOS)
     np.testing.assert_array_equal(np.asarray(rows), hf_rows)
     np.testing.assert_allclose(np.asarray(scores), out.sequences_scores.numpy().reshape(3, beams), atol=1e-4)
     # Beam search prunes: its top 5 is not simply the exact top 5 here (the test has teeth).
-    exact = np.asarray(sequence_logprobs(model, ids, mask, table, NEWLINE)).sum(-1)
+    exact = np.asarray(sequence_logprobs(model, ids, mask, table, NEWLINE, EOS)).sum(-1)
     assert not np.array_equal(np.argsort(-exact, axis=1)[:, :beams], hf_rows)
 
 
@@ -113,8 +119,9 @@ def test_left_padding_does_not_change_results(model, table, prompts):
     padded[1, :3] = 7  # pad id is a real token id: only the mask may hide it
     pmask = np.ones_like(padded)
     pmask[1, :3] = 0
-    rows, scores = constrained_beam_search(model, padded, pmask, trie, 5, NEWLINE)
-    alone_rows, alone_scores = constrained_beam_search(model, short[None], np.ones((1, 6), np.int32), trie, 5, NEWLINE)
+    rows, scores = constrained_beam_search(model, padded, pmask, trie, 5, NEWLINE, EOS)
+    alone_rows, alone_scores = constrained_beam_search(model, short[None], np.ones((1, 6), np.int32), trie, 5,
+                                                       NEWLINE, EOS)
     np.testing.assert_array_equal(np.asarray(rows)[1], np.asarray(alone_rows)[0])
     np.testing.assert_allclose(np.asarray(scores)[1], np.asarray(alone_scores)[0], atol=1e-4)
 
@@ -122,7 +129,7 @@ def test_left_padding_does_not_change_results(model, table, prompts):
 def test_more_beams_than_sids_is_a_clear_error(model, table, prompts):
     ids, mask = prompts
     with pytest.raises(ConfigError, match=r"only 30 distinct SIDs.*lower eval\.num_beams"):
-        constrained_beam_search(model, ids, mask, build_trie(table), 31, NEWLINE)
+        constrained_beam_search(model, ids, mask, build_trie(table), 31, NEWLINE, EOS)
 
 
 def test_sparse_levels_never_duplicate(model, prompts):
@@ -130,7 +137,7 @@ def test_sparse_levels_never_duplicate(model, prompts):
     table = np.array([(60, 70, c) for c in range(80, 85)] + [(60, 71, c) for c in range(80, 84)]
                      + [(61, 70, c) for c in range(80, 83)], np.int32)
     ids, mask = prompts
-    rows, scores = constrained_beam_search(model, ids, mask, build_trie(table), 10, NEWLINE)
+    rows, scores = constrained_beam_search(model, ids, mask, build_trie(table), 10, NEWLINE, EOS)
     rows = np.asarray(rows)
     assert np.isfinite(np.asarray(scores)).all()
     assert all(len(set(r)) == 10 and max(r) < len(table) for r in rows.tolist())

@@ -104,7 +104,8 @@ def test_eval_ranking_is_exact(bundle, full_run):
     prompts = [sequential_prompt(ex.history_sids, "minionerec") for ex in test]
     ids, mask = left_pad([tk.encode_prompt(tok, p, 128) for p in prompts], tok.pad_token_id)
     table = tk.sid_token_table(tok, catalog.sids)
-    scores = np.asarray(sequence_logprobs(bundle["model"], ids, mask, table, tk.newline_id(tok))).sum(-1)
+    scores = np.asarray(sequence_logprobs(bundle["model"], ids, mask, table, tk.newline_id(tok),
+                                         tok.eos_token_id)).sum(-1)
     for rec, row in zip(records, scores):
         assert rec["predict"] == [catalog.sids[j] for j in np.argsort(-row, kind="stable")]
 

@@ -20,7 +20,7 @@ from trainer.model import hf_io  # noqa: E402
 from trainer.model.checkpoint import load_into_model, save_params  # noqa: E402
 from trainer.cli import main as cli_main  # noqa: E402
 from trainer.errors import CheckpointError  # noqa: E402
-from trainer.model.qwen2 import ModelConfig, build_model, init_cache, params_dict, reorder_cache  # noqa: E402
+from trainer.model.qwen2 import ModelConfig, build_model, init_gen_cache, params_dict, reorder_rows  # noqa: E402
 
 TOL = 1e-4
 
@@ -66,12 +66,12 @@ def ours_from(cfg: ModelConfig, params: dict):
 
 
 @nnx.jit
-def _forward(model, ids, mask, cache=None):
-    return model(ids, mask, cache)
+def _forward(model, ids, mask):
+    return model(ids, mask)
 
 
 def ours_logits(model, ids, mask) -> np.ndarray:
-    return np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask))[0])
+    return np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
 
 
 def batch(vocab: int, seed: int = 0):
@@ -118,7 +118,7 @@ def test_import_bf16_and_sharded(tmp_path):
     # its rotary inv_freq buffer through bf16).
     tm = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf", dtype=torch.float32, attn_implementation="eager").eval()
-    np.testing.assert_array_equal(params["layers"][1]["mlp"]["down_proj"]["kernel"],
+    np.testing.assert_array_equal(params["layers"]["mlp"]["down_proj"]["kernel"][1],
                                   tm.model.layers[1].mlp.down_proj.weight.detach().numpy().T)
     ids, mask = batch(cfg.vocab_size, seed=3)
     diff = max_diff_on_real(ours_logits(ours_from(cfg, params), ids, mask), torch_logits(tm, ids, mask), mask)
@@ -132,22 +132,36 @@ def test_cache_decoding_matches_torch_full_sequence(tmp_path):
     model = ours_from(cfg, params)
     ids, mask = batch(cfg.vocab_size, seed=5)
     full = torch_logits(tm, ids, mask)
-    prefill = 5
-    cache = init_cache(cfg, ids.shape[0], ids.shape[1] + 1)  # room for the reorder step below
-    logits, cache = _forward(model, jnp.asarray(ids[:, :prefill]), jnp.asarray(mask[:, :prefill]), cache)
-    steps = [np.asarray(logits)]
-    for t in range(prefill, ids.shape[1]):
-        logits, cache = _forward(model, jnp.asarray(ids[:, t:t + 1]), jnp.asarray(mask[:, t:t + 1]), cache)
-        steps.append(np.asarray(logits))
-    assert max_diff_on_real(np.concatenate(steps, axis=1), full, mask) <= TOL
-    # Beam reorder: row 0 duplicated into rows 1 and 2 must continue exactly like row 0.
-    cache = reorder_cache(cache, jnp.array([0, 0, 0]))
-    nxt = np.full((3, 1), 7)
-    logits, _ = _forward(model, jnp.asarray(nxt), jnp.ones((3, 1), jnp.int32), cache)
-    ext_ids = np.concatenate([ids[:1], nxt[:1]], axis=1)
-    ref = torch_logits(tm, ext_ids, np.ones_like(ext_ids))[0, -1]
-    for row in range(3):
-        assert np.abs(np.asarray(logits)[row, -1] - ref).max() <= TOL
+    prefill = 6  # covers every row's left padding (row 2's prompt is all padding)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def decode(state, ids, mask):
+        """Prefill 6 tokens, then feed the rest to 2 rows per prompt sharing that prompt cache;
+        before the last step row 1 takes over row 0's history (a beam reorder)."""
+        m = nnx.merge(graphdef, state)
+        first, prompt = m.prefill(ids[:, :prefill], mask[:, :prefill])
+        steps = ids.shape[1] - prefill
+        gen = init_gen_cache(cfg, ids.shape[0], 2, steps + 1)
+        out = []
+        for t in range(steps):
+            logits, gen = m.decode(jnp.stack([ids[:, prefill + t]] * 2, axis=1), prompt, gen, t)
+            out.append(logits)
+        gen = reorder_rows(gen, jnp.array([[0, 0]] * ids.shape[0]))
+        last, _ = m.decode(jnp.full((ids.shape[0], 2), 7), prompt, gen, steps)
+        return first, jnp.stack(out, axis=2), last
+
+    first, steps, last = decode(state, jnp.asarray(ids), jnp.asarray(mask))
+    real = mask[:, prefill - 1] == 1
+    np.testing.assert_allclose(np.asarray(first)[real], full[real, prefill - 1], atol=TOL)
+    for row in range(2):
+        assert np.abs(np.asarray(steps)[:, row] - full[:, prefill:]).max() <= TOL
+    # Both rows continue row 0's history with token 7: equal to torch on the extended sequences.
+    ext_ids = np.concatenate([ids, np.full((3, 1), 7)], axis=1)
+    ext_mask = np.concatenate([mask, np.ones((3, 1), mask.dtype)], axis=1)
+    ref = torch_logits(tm, ext_ids, ext_mask)[:, -1]
+    for row in range(2):
+        assert np.abs(np.asarray(last)[:, row] - ref).max() <= TOL
 
 
 def _random_params(cfg: ModelConfig, seed: int) -> dict:
@@ -327,5 +341,10 @@ def test_layout_covers_model_params_exactly():
         flat = {tuple(str(k) for k in path) for path, _ in
                 jax.tree_util.tree_flatten_with_path(hf_io.param_shapes(cfg))[0]
                 for path in [tuple(getattr(p, "key", p) for p in path)]}
-        mapped = {tuple(str(k) for k in ours) for ours, _ in hf_io.hf_layout(cfg).values()}
-        assert mapped == flat
+        layout = hf_io.hf_layout(cfg).values()
+        assert {tuple(str(k) for k in ours) for ours, _, _ in layout} == flat
+        # every stacked array gets all of its layers, each exactly once
+        per_path: dict = {}
+        for ours, _, layer in layout:
+            per_path.setdefault(ours, []).append(layer)
+        assert all(sorted(v) == (list(range(3)) if k[0] == "layers" else [None]) for k, v in per_path.items())

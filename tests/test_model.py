@@ -1,5 +1,7 @@
-"""trainer.model.qwen2 without torch: config, param layout, causality, left padding, KV cache, beam reorder."""
+"""trainer.model.qwen2 without torch: config, param layout, causality, left padding, shared-prefix KV cache, beam reorder."""
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -7,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from trainer.model.qwen2 import (KVCache, ModelConfig, build_model, init_cache, param_count, params_dict,
-                           reorder_cache)
+from trainer.model.qwen2 import (GenCache, ModelConfig, build_model, init_gen_cache, param_count, params_dict,
+                                 reorder_rows)
 
 CFG = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -27,16 +29,15 @@ def model():
 
 
 @nnx.jit
-def _forward(model, ids, mask, cache):
-    return model(ids, mask, cache)
+def _forward(model, ids, mask):
+    return model(ids, mask)
 
 
-def run(model, ids, mask=None, cache=None):
+def run(model, ids, mask=None):
     # Jitted: one compile per shape is much cheaper than eager op-by-op dispatch on CPU.
     ids = jnp.asarray(ids)
     mask = jnp.ones_like(ids) if mask is None else jnp.asarray(mask)
-    logits, cache = _forward(model, ids, mask, cache)
-    return np.asarray(logits), cache
+    return np.asarray(_forward(model, ids, mask))
 
 
 # ----------------------------------------------------------------------------- config
@@ -75,9 +76,9 @@ def test_param_layout_tied_and_untied():
     untied_cfg = ModelConfig(**{**CFG.to_dict(), "tie_word_embeddings": False})
     tied, untied = params_dict(abstract(CFG)), params_dict(abstract(untied_cfg))
     assert "lm_head" not in tied and untied["lm_head"]["kernel"].shape == (32, 50)
-    attn = tied["layers"][1]["self_attn"]
-    assert attn["q_proj"]["kernel"].shape == (32, 32) and attn["k_proj"]["kernel"].shape == (32, 16)
-    assert attn["k_proj"]["bias"].shape == (16,) and "bias" not in attn["o_proj"]
+    attn = tied["layers"]["self_attn"]  # layers stacked on a leading axis (the scan's)
+    assert attn["q_proj"]["kernel"].shape == (2, 32, 32) and attn["k_proj"]["kernel"].shape == (2, 32, 16)
+    assert attn["k_proj"]["bias"].shape == (2, 16) and "bias" not in attn["o_proj"]
     h, i, v, kv = 32, 48, 50, 16
     per_layer = h * h + h + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
     assert param_count(abstract(CFG)) == v * h + 2 * per_layer + h
@@ -88,22 +89,22 @@ def test_param_layout_tied_and_untied():
 
 def test_logits_shape_dtype_and_causality(model):
     ids = np.array([[3, 7, 11, 13, 17, 19]])
-    logits, cache = run(model, ids)
-    assert logits.shape == (1, 6, 50) and logits.dtype == np.float32 and cache is None
+    logits = run(model, ids)
+    assert logits.shape == (1, 6, 50) and logits.dtype == np.float32
     changed = ids.copy()
     changed[0, 4] = 42
-    logits2, _ = run(model, changed)
+    logits2 = run(model, changed)
     np.testing.assert_allclose(logits2[0, :4], logits[0, :4], atol=1e-6)
     assert np.abs(logits2[0, 4:] - logits[0, 4:]).max() > 1e-3
 
 
 def test_left_padding_matches_unpadded(model):
     seq = np.array([5, 9, 2, 33, 8])
-    alone, _ = run(model, seq[None])
+    alone = run(model, seq[None])
     for pad_id in (0, 49):  # the pad id must not matter: the mask does the work
         ids = np.array([[pad_id] * 3 + list(seq), [1, 4, 6, 8, 10, 12, 14, 16]])
         mask = np.array([[0] * 3 + [1] * 5, [1] * 8])
-        padded, _ = run(model, ids, mask)
+        padded = run(model, ids, mask)
         assert np.isfinite(padded).all()
         np.testing.assert_allclose(padded[0, 3:], alone[0], atol=1e-5)
 
@@ -113,8 +114,8 @@ def test_bf16_compute_runs_close_to_fp32(model):
     m16 = build_model(cfg)
     nnx.update(m16, nnx.state(model, nnx.Param))
     ids = np.array([[3, 7, 11, 13]])
-    lo16, _ = run(m16, ids)
-    lo32, _ = run(model, ids)
+    lo16 = run(m16, ids)
+    lo32 = run(model, ids)
     assert lo16.dtype == np.float32 and np.isfinite(lo16).all()
     assert np.abs(lo16 - lo32).max() < 0.1 * np.abs(lo32).max()
 
@@ -129,58 +130,56 @@ def _batch():
     return ids, mask
 
 
-@pytest.mark.parametrize("chunks", [(9,), (4, 1, 1, 1, 1, 1), (2, 3, 4)])
-def test_cache_decoding_equals_full_sequence(model, chunks):
-    ids, mask = _batch()
-    full, _ = run(model, ids, mask)
-    cache = init_cache(CFG, 3, 12)
-    pieces, start = [], 0
-    for size in chunks:
-        logits, cache = run(model, ids[:, start:start + size], mask[:, start:start + size], cache)
-        pieces.append(logits)
-        start += size
-    assert int(cache.index) == 9
-    np.testing.assert_array_equal(np.asarray(cache.pos), mask.sum(1))
-    np.testing.assert_array_equal(np.asarray(cache.mask)[:, :9], mask)
-    assert not np.asarray(cache.mask)[:, 9:].any()
-    got = np.concatenate(pieces, axis=1)
-    real = mask.astype(bool)
-    np.testing.assert_allclose(got[real], full[real], atol=1e-5)
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _decode_rows(graphdef, state, ids, mask, tokens, parents):
+    """Prefill once, then feed tokens[:, :, t] to every row, reordering rows by parents[t] first."""
+    model = nnx.merge(graphdef, state)
+    first, prompt = model.prefill(ids, mask)
+    b, r, steps = tokens.shape
+    gen = init_gen_cache(model.cfg, b, r, steps)
+    out = []
+    for t in range(steps):
+        gen = reorder_rows(gen, parents[t])
+        logits, gen = model.decode(tokens[:, :, t], prompt, gen, t)
+        out.append(logits)
+    return first, prompt, gen, jnp.stack(out, axis=2)  # [B, R, steps, V]
 
 
-def test_cache_step_is_jittable(model):
+def test_shared_prefix_decoding_equals_full_sequence(model):
+    """3 prompts (two left padded) x 4 rows each, 4 decode steps with a beam-style reorder after
+    step 1: every row's logits equal a full causal pass over prompt + that row's own history."""
     ids, mask = _batch()
+    rng = np.random.default_rng(0)
+    b, r, steps = 3, 4, 4
+    tokens = rng.integers(0, 50, size=(b, r, steps))
+    parents = np.tile(np.arange(r), (steps, b, 1))
+    parents[2] = [[3, 3, 0, 1], [1, 0, 2, 2], [0, 0, 0, 0]]  # before step 2: rows continue other rows
     graphdef, state = nnx.split(model)
+    first, prompt, gen, got = _decode_rows(graphdef, state, ids, mask, tokens, parents)
+    assert prompt.k.shape == (CFG.num_layers, b, 9, CFG.num_kv_heads, CFG.head_dim)  # once per prompt
+    assert gen.k.shape == (CFG.num_layers, b, r, steps, CFG.num_kv_heads, CFG.head_dim)
+    np.testing.assert_array_equal(np.asarray(prompt.pos), mask.sum(1))
+    full_prompt = run(model, ids, mask)
+    np.testing.assert_allclose(np.asarray(first), full_prompt[:, -1], atol=1e-5)
+    history = np.zeros((b, r, 0), np.int64)
+    for t in range(steps):
+        history = np.take_along_axis(history, parents[t][..., None], axis=1)
+        history = np.concatenate([history, tokens[:, :, t:t + 1]], axis=2)
+        for row in range(r):
+            seq = np.concatenate([ids, history[:, row]], axis=1)
+            seq_mask = np.concatenate([mask, np.ones((b, t + 1), np.int32)], axis=1)
+            full = run(model, seq, seq_mask)
+            np.testing.assert_allclose(np.asarray(got)[:, row, t], full[:, -1], atol=1e-5)
 
-    @jax.jit
-    def step(state, tok, cache):
-        logits, cache = nnx.merge(graphdef, state)(tok, jnp.ones_like(tok), cache)
-        return logits, cache
 
-    cache = init_cache(CFG, 3, 10)
-    _, cache = run(model, ids, mask, cache)
-    nxt = jnp.array([[7], [7], [7]])
-    jitted, cache_j = step(state, nxt, cache)
-    eager, _ = run(model, nxt, None, cache)
-    np.testing.assert_allclose(np.asarray(jitted), eager, atol=1e-5)
-    assert isinstance(cache_j, KVCache) and int(cache_j.index) == 10
-
-
-def test_reorder_cache_gathers_rows(model):
+def test_reorder_rows_gathers_generated_slots_only(model):
     ids, mask = _batch()
-    cache = init_cache(CFG, 3, 10)
-    _, cache = run(model, ids, mask, cache)
-    idx = jnp.array([2, 0, 0])
-    re = reorder_cache(cache, idx)
-    np.testing.assert_array_equal(np.asarray(re.k), np.asarray(cache.k)[:, [2, 0, 0]])
-    np.testing.assert_array_equal(np.asarray(re.v), np.asarray(cache.v)[:, [2, 0, 0]])
-    np.testing.assert_array_equal(np.asarray(re.mask), np.asarray(cache.mask)[[2, 0, 0]])
-    np.testing.assert_array_equal(np.asarray(re.pos), np.asarray(cache.pos)[[2, 0, 0]])
-    assert int(re.index) == int(cache.index)
-    # Decoding the next token from the reordered cache equals a full pass over the reordered prompts.
-    nxt = np.array([[11], [12], [13]])
-    step, _ = run(model, nxt, None, re)
-    full_ids = np.concatenate([ids[[2, 0, 0]], nxt], axis=1)
-    full_mask = np.concatenate([mask[[2, 0, 0]], np.ones((3, 1), np.int32)], axis=1)
-    full, _ = run(model, full_ids, full_mask)
-    np.testing.assert_allclose(step[:, -1], full[:, -1], atol=1e-5)
+    tokens = np.arange(24).reshape(3, 4, 2) % 50
+    parents = np.tile(np.arange(4), (2, 3, 1))
+    graphdef, state = nnx.split(model)
+    _, _, gen, _ = _decode_rows(graphdef, state, ids, mask, tokens, parents)
+    idx = jnp.array([[3, 3, 0, 1], [1, 0, 2, 2], [0, 0, 0, 0]])
+    re = reorder_rows(gen, idx)
+    expect = np.take_along_axis(np.asarray(gen.k), np.asarray(idx)[None, :, :, None, None, None], axis=2)
+    np.testing.assert_array_equal(np.asarray(re.k), expect)
+    assert isinstance(re, GenCache) and re.k.shape == gen.k.shape

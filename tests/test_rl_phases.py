@@ -145,7 +145,7 @@ def test_completion_tokens():
 
 # ----------------------------------------------------------------------------- rollout
 
-VOCAB, NEWLINE = 64, 63
+VOCAB, NEWLINE, EOS = 64, 63, 62
 CFG = ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
 
 
@@ -175,16 +175,16 @@ def test_rollout_beam_returns_distinct_valid_sids_best_first(tiny):
     from trainer.decode.beam import sequence_logprobs
 
     graphdef, params, trie, table, prompts, mask = tiny
-    out = np.asarray(rollout.rollout(graphdef, params, prompts, mask, trie, _cfg("beam", 8), NEWLINE,
+    out = np.asarray(rollout.rollout(graphdef, params, prompts, mask, trie, _cfg("beam", 8), NEWLINE, EOS,
                                      jax.random.key(0)))
     assert out.shape == (3, 8) and out.dtype == np.int32
     assert ((out >= 0) & (out < len(table))).all()
     assert all(len(set(r)) == 8 for r in out.tolist())
     # rank order: teacher-forced scores of the returned SIDs are non-increasing
-    scores = np.asarray(sequence_logprobs(nnx.merge(graphdef, params), prompts, mask, table[out], NEWLINE)).sum(-1)
+    scores = np.asarray(sequence_logprobs(nnx.merge(graphdef, params), prompts, mask, table[out], NEWLINE, EOS)).sum(-1)
     assert (np.diff(scores, axis=1) <= 1e-5).all()
     # the best beam is the best SID of the whole catalog
-    all_scores = np.asarray(sequence_logprobs(nnx.merge(graphdef, params), prompts, mask, table, NEWLINE)).sum(-1)
+    all_scores = np.asarray(sequence_logprobs(nnx.merge(graphdef, params), prompts, mask, table, NEWLINE, EOS)).sum(-1)
     np.testing.assert_array_equal(out[:, 0], all_scores.argmax(axis=1))
 
 
@@ -192,9 +192,9 @@ def test_rollout_sample_is_valid_keyed_and_reproducible(tiny):
     graphdef, params, trie, table, prompts, mask = tiny
     # high temperature: near-uniform over the trie, so duplicates and key dependence are visible
     cfg = _cfg("sample", 16, temperature=5.0)
-    a = np.asarray(rollout.rollout(graphdef, params, prompts, mask, trie, cfg, NEWLINE, jax.random.key(1)))
-    b = np.asarray(rollout.rollout(graphdef, params, prompts, mask, trie, cfg, NEWLINE, jax.random.key(1)))
-    c = np.asarray(rollout.rollout(graphdef, params, prompts, mask, trie, cfg, NEWLINE, jax.random.key(2)))
+    a = np.asarray(rollout.rollout(graphdef, params, prompts, mask, trie, cfg, NEWLINE, EOS, jax.random.key(1)))
+    b = np.asarray(rollout.rollout(graphdef, params, prompts, mask, trie, cfg, NEWLINE, EOS, jax.random.key(1)))
+    c = np.asarray(rollout.rollout(graphdef, params, prompts, mask, trie, cfg, NEWLINE, EOS, jax.random.key(2)))
     assert a.shape == (3, 16) and ((a >= 0) & (a < len(table))).all()
     np.testing.assert_array_equal(a, b)
     assert (a != c).any()
@@ -204,6 +204,6 @@ def test_rollout_sample_is_valid_keyed_and_reproducible(tiny):
 def test_rollout_errors_name_the_key(tiny):
     graphdef, params, trie, table, prompts, mask = tiny
     with pytest.raises(ConfigError, match="rollout.mode: unknown 'greedy'"):
-        rollout.rollout(graphdef, params, prompts, mask, trie, _cfg("greedy", 4), NEWLINE, jax.random.key(0))
+        rollout.rollout(graphdef, params, prompts, mask, trie, _cfg("greedy", 4), NEWLINE, EOS, jax.random.key(0))
     with pytest.raises(ConfigError, match=r"rollout.n=25 .* only 24 distinct SIDs"):
-        rollout.rollout(graphdef, params, prompts, mask, trie, _cfg("beam", 25), NEWLINE, jax.random.key(0))
+        rollout.rollout(graphdef, params, prompts, mask, trie, _cfg("beam", 25), NEWLINE, EOS, jax.random.key(0))

@@ -1,12 +1,15 @@
 """Trie-constrained decoding of SIDs: beam search (eval), sampling (RL rollouts), scoring.
 
-Every response is exactly 4 tokens: three code tokens constrained by the SID trie, then the forced
-newline. A token's log-prob is log_softmax over the FULL vocabulary (as transformers' beam search
-computes it before masking), and a SID's score is the sum over its 4 tokens. No temperature,
-length penalty or other processors in beam search.
+Every response is three code tokens constrained by the SID trie, then the forced newline and EOS,
+exactly what upstream MiniOneRec's `evaluate.py` generates (`generate(num_beams, length_penalty=0.0)`
+to EOS with its `ConstrainedLogitsProcessor`). A token's log-prob is log_softmax over the FULL
+vocabulary, then the trie mask (upstream adds -1e6 to disallowed tokens; here they are excluded),
+and a beam's score is the sum over its 5 tokens a, b, c, newline, EOS. No temperature or other
+processors in beam search.
 
-Each public function runs as one jitted program (prefill once, KV cache expanded to one row per
-beam or sample, 3 cached decode steps). The model goes in as nnx.split's (graphdef, state) so the
+Each public function runs as one jitted program: one prefill of the prompts, whose K/V are kept once
+per prompt and shared by all its beams or samples (nothing is copied per beam), then one cached
+decode step per generated token, where each beam keeps only its own <= 4 generated tokens' K/V. The model goes in as nnx.split's (graphdef, state) so the
 graphdef is a static argument and the weights are ordinary traced arrays.
 """
 from __future__ import annotations
@@ -19,49 +22,14 @@ from flax import nnx
 
 from trainer.train import losses
 from trainer.config import ConfigError
-from trainer.model.qwen2 import KVCache, init_cache
+from trainer.model.qwen2 import init_gen_cache, reorder_rows
 from trainer.decode.trie import LEVELS, SidTrie, children
 
 NEG_INF = -jnp.inf
 
 
-def _gather_beams(cache: KVCache, parent: jax.Array, first_slot: int) -> KVCache:
-    """Cache rows are [batch * beams]; give each new beam its parent's generated-token slots.
-
-    Beams of one prompt share the same prompt slots, mask and position (every beam has fed the
-    same number of tokens), so only the slots from `first_slot` on (at most 3) differ and are
-    gathered; copying the whole cache per step would dominate the decode time. `parent` [B, K]
-    indexes beams within the same prompt, so a batch-sharded cache stays local to its shard.
-    """
-    b, k = parent.shape
-
-    def take(x):  # [L, B*K, slots, H, D]
-        tail = x[:, :, first_slot:]
-        tail = tail.reshape((x.shape[0], b, k) + tail.shape[2:])
-        idx = parent.reshape((1, b, k) + (1,) * (tail.ndim - 3))
-        tail = jnp.take_along_axis(tail, idx, axis=2).reshape((x.shape[0], b * k) + tail.shape[3:])
-        return jax.lax.dynamic_update_slice_in_dim(x, tail, first_slot, axis=2)
-
-    return cache.replace(k=take(cache.k), v=take(cache.v))
-
-
-def _repeat_rows(cache: KVCache, times: int) -> KVCache:
-    """[B] rows -> [B * times] rows (each prompt's prefilled cache, once per beam/sample)."""
-    rep = lambda x, axis: jnp.repeat(x, times, axis=axis)
-    return cache.replace(k=rep(cache.k, 1), v=rep(cache.v, 1), mask=rep(cache.mask, 0), pos=rep(cache.pos, 0))
-
-
-def _prefill(model, prompt_ids, prompt_mask):
-    b, p = prompt_ids.shape
-    cache = init_cache(model.cfg, b, p + LEVELS)  # the prompt, then the 3 code tokens we feed back
-    logits, cache = model(prompt_ids, prompt_mask, cache)
-    return jax.nn.log_softmax(logits[:, -1], axis=-1), cache
-
-
-def _step(model, tokens, cache):
-    """Feed one token per row; returns next-token log-probs [rows, V]."""
-    logits, cache = model(tokens[:, None], jnp.ones((tokens.shape[0], 1), jnp.int32), cache)
-    return jax.nn.log_softmax(logits[:, -1], axis=-1), cache
+def _log_softmax(logits):
+    return jax.nn.log_softmax(logits, axis=-1)
 
 
 def _top_k(x: jax.Array, k: int):
@@ -71,12 +39,14 @@ def _top_k(x: jax.Array, k: int):
     return jax.lax.top_k(x, k)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_beams", "newline_id"))
-def _beam_search(graphdef, state, prompt_ids, prompt_mask, trie: SidTrie, num_beams: int, newline_id: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_beams", "newline_id", "eos_id"))
+def _beam_search(graphdef, state, prompt_ids, prompt_mask, trie: SidTrie, num_beams: int, newline_id: int,
+                 eos_id: int):
     model = nnx.merge(graphdef, state)
     b, k = prompt_ids.shape[0], num_beams
-    logp, cache = _prefill(model, prompt_ids, prompt_mask)
-    logp = logp[:, None, :]  # [B, 1, V]: one live beam per prompt before the first token
+    logits, prompt = model.prefill(prompt_ids, prompt_mask)  # the prompt's K/V once, shared by its K beams
+    gen = init_gen_cache(model.cfg, b, k, LEVELS + 1)  # each beam's a, b, c and newline
+    logp = _log_softmax(logits)[:, None, :]  # [B, 1, V]: one live beam per prompt before the first token
     node = jnp.zeros((b, 1), jnp.int32)
     score = jnp.zeros((b, 1), jnp.float32)
     for level in range(LEVELS):
@@ -86,16 +56,18 @@ def _beam_search(graphdef, state, prompt_ids, prompt_mask, trie: SidTrie, num_be
         cand = jnp.where(valid, cand, NEG_INF).reshape(b, -1)
         score, flat = _top_k(cand, k)  # [B, K]
         flat = jnp.minimum(flat, tok.shape[1] * tok.shape[2] - 1)  # padded picks: any real slot
-        parent = flat // tok.shape[2]
         token = jnp.take_along_axis(tok.reshape(b, -1), flat, axis=1)
         node = jnp.take_along_axis(nxt.reshape(b, -1), flat, axis=1)
-        if level == 0:
-            cache = _repeat_rows(cache, k)
-        else:
-            cache = _gather_beams(cache, parent, prompt_ids.shape[1])
-        logp, cache = _step(model, token.reshape(-1), cache)
-        logp = logp.reshape(b, k, -1)
-    score = score + logp[:, :, newline_id]  # the forced newline counts in the score
+        if level > 0:  # level 0: every beam extends the same (empty) prefix
+            gen = reorder_rows(gen, flat // tok.shape[2])
+        logits, gen = model.decode(token, prompt, gen, level)
+        logp = _log_softmax(logits)  # [B, K, V]
+    # The forced newline and EOS count in the score, as in upstream's generate to EOS. They prune
+    # nothing (one allowed token per beam), so the K beams chosen at the last code stay; only
+    # their order changes.
+    score = score + logp[:, :, newline_id]
+    logits, _ = model.decode(jnp.full((b, k), newline_id, jnp.int32), prompt, gen, LEVELS)
+    score = score + _log_softmax(logits)[:, :, eos_id]
     score, order = jax.lax.top_k(score, k)
     return jnp.take_along_axis(node, order, axis=1), score
 
@@ -109,23 +81,25 @@ def check_num_beams(trie: SidTrie, num_beams: int, key: str = "eval.num_beams") 
 
 
 def constrained_beam_search(model, prompt_ids, prompt_mask, trie: SidTrie, num_beams: int, newline_id: int,
-                            *, key: str = "eval.num_beams"):
+                            eos_id: int, *, key: str = "eval.num_beams"):
     """Top `num_beams` distinct valid SIDs per prompt, best first.
 
     prompt_ids/prompt_mask: int [B, P], left padded. Returns (sid_index int32 [B, num_beams], rows of
-    the trie's SID table, and scores float32 [B, num_beams], the summed log-probs of the 4 tokens).
+    the trie's SID table, and scores float32 [B, num_beams], the summed log-probs of a, b, c, the
+    newline and EOS: upstream's `sequences_scores` with length_penalty 0).
     """
     check_num_beams(trie, num_beams, key)
     graphdef, state = nnx.split(model)
     return _beam_search(graphdef, state, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32),
-                        trie, num_beams, int(newline_id))
+                        trie, num_beams, int(newline_id), int(eos_id))
 
 
-def response_logprobs(model, prompt_ids, prompt_mask, sid_tokens, newline_id):
+def response_logprobs(model, prompt_ids, prompt_mask, sid_tokens, newline_id, eos_id=None):
     """Teacher-forced per-token log-probs of SID responses; not jitted, so it can sit inside a loss.
 
     sid_tokens: int [B, G, 3] (G candidate SIDs per prompt) or [N, 3] (the same N for every prompt).
-    Returns float32 [B, G, 4]: log-probs of a, b, c and the newline. One full forward pass over
+    Returns float32 [B, G, 4]: log-probs of a, b, c and the newline, or [B, G, 5] with EOS's when
+    `eos_id` is given (`.sum(-1)` is then the beam-search score). One full forward pass over
     prompt + response (no cache), the same computation a training step differentiates.
     """
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
@@ -135,49 +109,52 @@ def response_logprobs(model, prompt_ids, prompt_mask, sid_tokens, newline_id):
     if sid_tokens.ndim == 2:
         sid_tokens = jnp.broadcast_to(sid_tokens[None], (b,) + sid_tokens.shape)
     g = sid_tokens.shape[1]
-    response = jnp.concatenate([sid_tokens, jnp.full((b, g, 1), newline_id, jnp.int32)], axis=-1)  # [B,G,4]
+    tail = [newline_id] if eos_id is None else [newline_id, eos_id]
+    response = jnp.concatenate([sid_tokens, jnp.broadcast_to(jnp.array(tail, jnp.int32), (b, g, len(tail)))], -1)
+    n = response.shape[-1]
     ids = jnp.concatenate([jnp.repeat(prompt_ids[:, None], g, axis=1), response], axis=-1).reshape(b * g, -1)
-    mask = jnp.concatenate([jnp.repeat(prompt_mask[:, None], g, axis=1), jnp.ones((b, g, 4), jnp.int32)],
+    mask = jnp.concatenate([jnp.repeat(prompt_mask[:, None], g, axis=1), jnp.ones((b, g, n), jnp.int32)],
                            axis=-1).reshape(b * g, -1)
-    return losses.response_logprobs(model, ids, mask, LEVELS + 1).reshape(b, g, LEVELS + 1)
+    return losses.response_logprobs(model, ids, mask, n).reshape(b, g, n)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "newline_id"))
-def _sequence_logprobs(graphdef, state, prompt_ids, prompt_mask, sid_tokens, newline_id):
-    return response_logprobs(nnx.merge(graphdef, state), prompt_ids, prompt_mask, sid_tokens, newline_id)
+@functools.partial(jax.jit, static_argnames=("graphdef", "newline_id", "eos_id"))
+def _sequence_logprobs(graphdef, state, prompt_ids, prompt_mask, sid_tokens, newline_id, eos_id):
+    return response_logprobs(nnx.merge(graphdef, state), prompt_ids, prompt_mask, sid_tokens, newline_id, eos_id)
 
 
-def sequence_logprobs(model, prompt_ids, prompt_mask, sid_tokens, newline_id):
-    """Jitted `response_logprobs`: float32 [B, G, 4]; `.sum(-1)` is the beam-search score."""
+def sequence_logprobs(model, prompt_ids, prompt_mask, sid_tokens, newline_id, eos_id=None):
+    """Jitted `response_logprobs`: float32 [B, G, 4] or, with `eos_id`, [B, G, 5] whose `.sum(-1)`
+    is the beam-search score."""
     graphdef, state = nnx.split(model)
     return _sequence_logprobs(graphdef, state, jnp.asarray(prompt_ids, jnp.int32),
                               jnp.asarray(prompt_mask, jnp.int32), jnp.asarray(sid_tokens, jnp.int32),
-                              int(newline_id))
+                              int(newline_id), None if eos_id is None else int(eos_id))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "newline_id"))
 def _sample(graphdef, state, prompt_ids, prompt_mask, trie: SidTrie, rng, temperature, num_samples, newline_id):
     model = nnx.merge(graphdef, state)
     b, g = prompt_ids.shape[0], num_samples
-    logp, cache = _prefill(model, prompt_ids, prompt_mask)
-    logp = jnp.repeat(logp, g, axis=0)  # [B*G, V]
-    cache = _repeat_rows(cache, g)
-    node = jnp.zeros((b * g,), jnp.int32)
+    logits, prompt = model.prefill(prompt_ids, prompt_mask)  # shared by the prompt's G samples
+    gen = init_gen_cache(model.cfg, b, g, LEVELS)
+    logp = jnp.broadcast_to(_log_softmax(logits)[:, None], (b, g, logits.shape[-1]))  # [B, G, V]
+    node = jnp.zeros((b, g), jnp.int32)
     token_logp, codes = [], []
     for level, key in enumerate(jax.random.split(rng, LEVELS)):
-        tok, nxt, valid = children(trie, level, node)  # [B*G, W]
+        tok, nxt, valid = children(trie, level, node)  # [B, G, W]
         child_logp = jnp.take_along_axis(logp, tok, axis=-1)
         # Sample among the node's children only; log_softmax over the vocab is a per-row shift,
         # so this is the model's distribution at `temperature` restricted to the trie.
         pick = jax.random.categorical(key, jnp.where(valid, child_logp / temperature, NEG_INF), axis=-1)
-        token = jnp.take_along_axis(tok, pick[:, None], axis=1)[:, 0]
-        node = jnp.take_along_axis(nxt, pick[:, None], axis=1)[:, 0]
-        token_logp.append(jnp.take_along_axis(child_logp, pick[:, None], axis=1)[:, 0])
+        token = jnp.take_along_axis(tok, pick[..., None], axis=-1)[..., 0]
+        node = jnp.take_along_axis(nxt, pick[..., None], axis=-1)[..., 0]
+        token_logp.append(jnp.take_along_axis(child_logp, pick[..., None], axis=-1)[..., 0])
         codes.append(token)
-        logp, cache = _step(model, token, cache)
-    token_logp.append(logp[:, newline_id])
-    return (node.reshape(b, g), jnp.stack(codes, -1).reshape(b, g, LEVELS),
-            jnp.stack(token_logp, -1).reshape(b, g, LEVELS + 1))
+        logits, gen = model.decode(token, prompt, gen, level)
+        logp = _log_softmax(logits)
+    token_logp.append(logp[..., newline_id])
+    return node, jnp.stack(codes, -1), jnp.stack(token_logp, -1)
 
 
 def constrained_sample(model, prompt_ids, prompt_mask, trie: SidTrie, num_samples: int, newline_id: int,

@@ -48,7 +48,7 @@ def _local_mesh() -> Mesh | None:
 
 
 def predict_sid_rows(model, prompts: list[list[int]], pad_id: int, trie: SidTrie, num_beams: int, newline_id: int,
-                     batch_size: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     eos_id: int, batch_size: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Beam-search every prompt (token id lists) in fixed-shape batches.
 
     Returns (sid_rows int32 [N, num_beams], scores float32 [N, num_beams]); rows index the SID
@@ -73,7 +73,7 @@ def predict_sid_rows(model, prompts: list[list[int]], pad_id: int, trie: SidTrie
         ids, mask = left_pad(chunk, pad_id, length)
         if mesh is not None:
             ids, mask = jax.device_put((ids, mask), NamedSharding(mesh, P("data")))
-        sid_rows, sc = constrained_beam_search(model, ids, mask, trie, num_beams, newline_id)
+        sid_rows, sc = constrained_beam_search(model, ids, mask, trie, num_beams, newline_id, eos_id)
         rows.append(np.asarray(sid_rows))
         scores.append(np.asarray(sc))
     sid_rows, sc = np.concatenate(rows)[:n], np.concatenate(scores)[:n]
@@ -115,7 +115,7 @@ def evaluate_examples(model, tok, catalog, examples, num_beams: int, batch_size:
     trie = build_trie(sid_token_table(tok, catalog.sids))
     texts, prompts = encode_prompts(tok, examples, max_prompt_len, wording)
     sid_rows, _ = predict_sid_rows(model, prompts, tok.pad_token_id, trie, num_beams, newline_id(tok),
-                                   batch_size, progress)
+                                   tok.eos_token_id, batch_size, progress)
     records = build_records(texts, [ex.target_sid for ex in examples], sid_rows, catalog.sids)
     return records, compute_metrics(records, set(catalog.sids))
 
@@ -174,6 +174,7 @@ def _load_inputs(args) -> dict:
         "cfg": cfg, "model_cfg": model_cfg.to_dict(), "params": jax.device_get(params_dict(model)),
         "prompts": prompts, "texts": texts, "targets": [ex.target_sid for ex in examples],
         "sids": catalog.sids, "sid_table": sid_table, "newline_id": newline_id(tok), "pad_id": tok.pad_token_id,
+        "eos_id": tok.eos_token_id,
         "checkpoint_md5": md5_file(args.checkpoint), "data_dir": str(data_dir), "tokenizer": str(tok_dir),
     }
 
@@ -213,7 +214,7 @@ def run(args) -> dict | None:
     per_process = math.ceil(n / procs)
     mine = payload["prompts"][rank * per_process:(rank + 1) * per_process]
     t0 = time.time()
-    local_rows, _ = predict_sid_rows(model, mine, payload["pad_id"], trie, num_beams, payload["newline_id"],
+    local_rows, _ = predict_sid_rows(model, mine, payload["pad_id"], trie, num_beams, payload["newline_id"], payload["eos_id"],
                                      int(ev["batch_size"]), progress=main_proc)
     sid_rows = _gather_rows(local_rows.astype(np.int32), per_process)[:n]
     seconds = time.time() - t0

@@ -1,8 +1,11 @@
 """Checkpoints: flax msgpack of the parameter pytree, and resumable train states.
 
-Parameter files hold nested dicts with string keys (`layers/0/self_attn/q_proj/kernel`). Loading
-checks the tree, every shape and dtype against the model built from config, so a checkpoint of the
-wrong model or a truncated file fails with a message instead of a silent mis-load.
+Parameter files hold nested dicts with string keys; the decoder layers are stacked on a leading
+axis (`layers/self_attn/q_proj/kernel` is [num_layers, in, out]), as the model holds them. Files
+written before the layer scan (one subtree per layer, `layers/0/self_attn/...`) are still read:
+`stack_layers` converts them on load. Loading checks the tree, every shape and dtype against the
+model built from config, so a checkpoint of the wrong model or a truncated file fails with a
+message instead of a silent mis-load.
 """
 from __future__ import annotations
 
@@ -81,9 +84,26 @@ def check_against(loaded: dict, template: dict, path: str | Path) -> None:
             f"and the tokenizer's vocab size):\n  {shown}")
 
 
+def stack_layers(tree: dict) -> dict:
+    """Per-layer layout (`layers/{0,1,...}/...`, files written before the scan) -> stacked layout.
+
+    Anything else is returned unchanged."""
+    layers = tree.get("layers") if isinstance(tree, dict) else None
+    if not isinstance(layers, dict) or not layers or not all(str(k).isdigit() for k in layers):
+        return tree
+    order = sorted(layers, key=lambda k: int(k))
+    if [int(k) for k in order] != list(range(len(order))):
+        return tree  # gaps: leave it for check_against to report
+    try:
+        stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[layers[k] for k in order])
+    except ValueError:
+        return tree  # layers of different structure or shapes: reported by check_against
+    return {**tree, "layers": stacked}
+
+
 def load_params(path: str | Path, template: dict) -> dict:
     """Read params from `path`, validated against `template` (a param pytree of the same model)."""
-    loaded = read_msgpack(path)
+    loaded = stack_layers(read_msgpack(path))
     check_against(loaded, template, path)
     return _like_template(loaded, template)
 

@@ -2,8 +2,10 @@
 
 No torch at runtime: tensors are read and written with `safetensors.numpy` (bf16 via ml_dtypes).
 HF stores linear weights [out, in]; our kernels are [in, out], so every kernel is transposed on
-the way in and out. The name map is derived from the model's own param tree, so a layout change
-in trainer.model.qwen2 breaks import/export loudly instead of silently dropping tensors.
+the way in and out. HF has one tensor per layer (`model.layers.{i}.…`); our layers are stacked on a
+leading axis (`layers/…`[i]), so import stacks and export slices. The name map is checked against
+the model's own param tree, so a layout change in trainer.model.qwen2 breaks import/export loudly
+instead of silently dropping tensors.
 
 CLI:
   python -m trainer import-hf HF_DIR --out OUT_DIR
@@ -38,24 +40,24 @@ _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 # ----------------------------------------------------------------------------- name mapping
 
-def hf_layout(cfg: ModelConfig) -> dict[str, tuple[tuple, bool]]:
-    """HF tensor name -> (path in our param tree, transpose?)."""
+def hf_layout(cfg: ModelConfig) -> dict[str, tuple[tuple, bool, int | None]]:
+    """HF tensor name -> (path in our param tree, transpose?, layer index on the stacked axis or None)."""
     layout = {
-        "model.embed_tokens.weight": (("embed_tokens", "embedding"), False),
-        "model.norm.weight": (("norm", "weight"), False),
+        "model.embed_tokens.weight": (("embed_tokens", "embedding"), False, None),
+        "model.norm.weight": (("norm", "weight"), False, None),
     }
     for i in range(cfg.num_layers):
-        hf, ours = f"model.layers.{i}.", ("layers", i)
+        hf = f"model.layers.{i}."
         for name in ("q_proj", "k_proj", "v_proj"):
-            layout[f"{hf}self_attn.{name}.weight"] = (ours + ("self_attn", name, "kernel"), True)
-            layout[f"{hf}self_attn.{name}.bias"] = (ours + ("self_attn", name, "bias"), False)
-        layout[f"{hf}self_attn.o_proj.weight"] = (ours + ("self_attn", "o_proj", "kernel"), True)
+            layout[f"{hf}self_attn.{name}.weight"] = (("layers", "self_attn", name, "kernel"), True, i)
+            layout[f"{hf}self_attn.{name}.bias"] = (("layers", "self_attn", name, "bias"), False, i)
+        layout[f"{hf}self_attn.o_proj.weight"] = (("layers", "self_attn", "o_proj", "kernel"), True, i)
         for name in ("gate_proj", "up_proj", "down_proj"):
-            layout[f"{hf}mlp.{name}.weight"] = (ours + ("mlp", name, "kernel"), True)
-        layout[f"{hf}input_layernorm.weight"] = (ours + ("input_layernorm", "weight"), False)
-        layout[f"{hf}post_attention_layernorm.weight"] = (ours + ("post_attention_layernorm", "weight"), False)
+            layout[f"{hf}mlp.{name}.weight"] = (("layers", "mlp", name, "kernel"), True, i)
+        layout[f"{hf}input_layernorm.weight"] = (("layers", "input_layernorm", "weight"), False, i)
+        layout[f"{hf}post_attention_layernorm.weight"] = (("layers", "post_attention_layernorm", "weight"), False, i)
     if not cfg.tie_word_embeddings:
-        layout["lm_head.weight"] = (("lm_head", "kernel"), True)
+        layout["lm_head.weight"] = (("lm_head", "kernel"), True, None)
     return layout
 
 
@@ -68,6 +70,13 @@ def _get(tree: dict, path: tuple):
     for k in path:
         tree = tree[k]
     return tree
+
+
+def _get_or_none(tree: dict, path: tuple):
+    try:
+        return _get(tree, path)
+    except KeyError:
+        return None
 
 
 def _set(tree: dict, path: tuple, value) -> None:
@@ -164,16 +173,21 @@ def import_hf(hf_dir: str | Path, param_dtype: str = "float32") -> tuple[ModelCo
                     if name not in layout:
                         problems.append(f"{path}: unexpected tensor {name}")
                         continue
-                    ours, transpose = layout[name]
+                    ours, transpose, layer = layout[name]
                     array = f.get_tensor(name)
-                    want = tuple(_get(shapes, ours).shape)
+                    want = tuple(_get(shapes, ours).shape)[0 if layer is None else 1:]
                     want_hf = want[::-1] if transpose else want
                     if tuple(array.shape) != want_hf:
                         problems.append(f"{path}: tensor {name} has shape {tuple(array.shape)}, config.json "
                                         f"implies {want_hf}")
                         continue
-                    value = array.T if transpose else array
-                    _set(params, ours, np.ascontiguousarray(value.astype(out_dtype)))
+                    value = np.ascontiguousarray((array.T if transpose else array).astype(out_dtype))
+                    if layer is None:
+                        _set(params, ours, value)
+                    else:  # fill slot `layer` of the stacked array
+                        if _get_or_none(params, ours) is None:
+                            _set(params, ours, np.zeros(_get(shapes, ours).shape, out_dtype))
+                        _get(params, ours)[layer] = value
                     seen.add(name)
         except SafetensorError as e:
             raise CheckpointError(f"{path}: cannot read safetensors file ({e}); the file is truncated or "
@@ -246,8 +260,9 @@ def export_hf(params: dict, model_cfg: ModelConfig, out_dir: str | Path,
     params = _str_keys(params)
     check_against(params, param_shapes(model_cfg), "params to export")
     tensors = {}
-    for name, (ours, transpose) in hf_layout(model_cfg).items():
-        value = np.asarray(_get(params, tuple(str(k) for k in ours)))
+    for name, (ours, transpose, layer) in hf_layout(model_cfg).items():
+        value = np.asarray(_get(params, ours))
+        value = value if layer is None else value[layer]
         tensors[name] = np.ascontiguousarray(value.T if transpose else value)
     dtypes = {str(t.dtype) for t in tensors.values()}
     if len(dtypes) != 1:

@@ -5,8 +5,10 @@ query attention with q/k/v bias, SwiGLU MLP, tied or untied LM head. Kernels are
 (HF stores [out, in]; trainer.model.hf_io transposes).
 
 Positions come from the attention mask (cumsum - 1), so left-padded batches get the same positions
-as unpadded sequences. The cache is a plain pytree passed in and returned, which keeps decode
-loops jittable.
+as unpadded sequences. The layers are stacked and run by `jax.lax.scan` (compile time independent
+of depth). Decoding uses two caches, plain pytrees passed in and returned (jittable loops): the
+prompt's K/V once per prompt (`PromptCache`) and a few slots per beam/sample for the tokens it
+generated (`GenCache`); attention combines both in one softmax.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx, struct
 
 _NEG = -1e30  # finite mask value: fully masked rows (left padding) stay NaN-free
@@ -94,29 +97,30 @@ class ModelConfig:
 
 
 @struct.dataclass
-class KVCache:
-    k: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+class PromptCache:
+    """The prompt's keys and values, stored once per prompt and shared by all its beams/samples."""
+    k: jax.Array  # [layers, batch, prompt_len, kv_heads, head_dim]
     v: jax.Array
-    mask: jax.Array  # [batch, slots] 1 where a real token was written
-    pos: jax.Array  # [batch] position id the next real token gets
-    index: jax.Array  # scalar: next slot to write (same for every row; prompts are left padded)
+    mask: jax.Array  # [batch, prompt_len] 1 = real token (prompts are left padded)
+    pos: jax.Array  # [batch] position id of the first generated token (the real prompt length)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    dtype = jnp.dtype(cfg.dtype)
-    return KVCache(
-        k=jnp.zeros(shape, dtype),
-        v=jnp.zeros(shape, dtype),
-        mask=jnp.zeros((batch, max_len), jnp.int32),
-        pos=jnp.zeros((batch,), jnp.int32),
-        index=jnp.array(0, jnp.int32),
-    )
+@struct.dataclass
+class GenCache:
+    """Keys and values of the tokens each row (beam or sample) has generated: a few slots only."""
+    k: jax.Array  # [layers, batch, rows, slots, kv_heads, head_dim]
+    v: jax.Array
 
 
-def reorder_cache(cache: KVCache, idx: jax.Array) -> KVCache:
-    """Gather batch rows (beam search keeps the cache rows of the surviving beams)."""
-    return cache.replace(k=cache.k[:, idx], v=cache.v[:, idx], mask=cache.mask[idx], pos=cache.pos[idx])
+def init_gen_cache(cfg: ModelConfig, batch: int, rows: int, slots: int) -> GenCache:
+    shape = (cfg.num_layers, batch, rows, slots, cfg.num_kv_heads, cfg.head_dim)
+    return GenCache(k=jnp.zeros(shape, jnp.dtype(cfg.dtype)), v=jnp.zeros(shape, jnp.dtype(cfg.dtype)))
+
+
+def reorder_rows(gen: GenCache, parent: jax.Array) -> GenCache:
+    """Row r of prompt b continues row parent[b, r] (beam search): gathers only the generated slots."""
+    idx = parent[None, :, :, None, None, None]
+    return gen.replace(k=jnp.take_along_axis(gen.k, idx, axis=2), v=jnp.take_along_axis(gen.v, idx, axis=2))
 
 
 class RMSNorm(nnx.Module):
@@ -150,6 +154,14 @@ def _linear(cfg: ModelConfig, n_in: int, n_out: int, bias: bool, rngs: nnx.Rngs)
     )
 
 
+def _softmax_parts(parts: list[jax.Array], dtype) -> list[jax.Array]:
+    """One softmax over the concatenation of `parts` (last axis), returned split the same way."""
+    scores = jnp.concatenate(parts, axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    bounds = np.cumsum([p.shape[-1] for p in parts])[:-1]
+    return jnp.split(probs, bounds, axis=-1)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -159,29 +171,51 @@ class Attention(nnx.Module):
         self.v_proj = _linear(cfg, cfg.hidden_size, kv * d, True, rngs)
         self.o_proj = _linear(cfg, h * d, cfg.hidden_size, False, rngs)
 
-    def __call__(self, x, positions, keys_cache, values_cache, key_mask, write_index):
+    def _qkv(self, x, positions):
+        """x [B, T, hidden] -> q [B, T, kv_heads, groups, D], k and v [B, T, kv_heads, D]."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = rope(self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
         k = rope(self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        if keys_cache is None:
-            keys, values, slot0 = k, v, 0
-        else:
-            keys = jax.lax.dynamic_update_slice(keys_cache, k.astype(keys_cache.dtype), (0, write_index, 0, 0))
-            values = jax.lax.dynamic_update_slice(values_cache, v.astype(values_cache.dtype), (0, write_index, 0, 0))
-            slot0 = write_index
-        s = keys.shape[1]
-        query_slots = slot0 + jnp.arange(t)
-        allowed = (jnp.arange(s)[None, :] <= query_slots[:, None])[None] & (key_mask[:, None, :] > 0)  # [B,T,S]
-        groups = cfg.num_heads // cfg.num_kv_heads
-        q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype)).astype(jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(cfg.head_dim))
+        q = q.reshape(b, t, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+        return q, k, v
+
+    def _scores(self, spec, q, k):
+        """q·k / sqrt(head_dim) in float32 (scaled after the product, as transformers does)."""
+        return jnp.einsum(spec, q, k).astype(jnp.float32) / jnp.sqrt(jnp.float32(self.cfg.head_dim))
+
+    def __call__(self, x, positions, key_mask):
+        """Causal self-attention over the whole sequence; also returns its keys and values."""
+        b, t, _ = x.shape
+        q, k, v = self._qkv(x, positions)
+        allowed = jnp.tril(jnp.ones((t, t), bool))[None] & (key_mask[:, None, :] > 0)  # [B, T, T]
+        scores = self._scores("btkgd,bskd->bkgts", q, k)
         scores = jnp.where(allowed[:, None, None], scores, _NEG)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(x.dtype)).reshape(b, t, -1)
-        return self.o_proj(out), keys, values
+        (probs,) = _softmax_parts([scores], x.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, -1)
+        return self.o_proj(out), k, v
+
+    def decode(self, x, positions, prompt_k, prompt_v, prompt_mask, gen_k, gen_v, filled: int):
+        """One new token for each of R rows per prompt against the shared prompt cache.
+
+        x [B, R, hidden]; prompt_k/v [B, P, kv, D] (once per prompt: the R rows' queries are
+        batched against it, nothing is copied per row); gen_k/v [B, R, S, kv, D], of which the
+        first `filled` slots hold this row's earlier tokens. One softmax spans prompt, earlier
+        tokens and the token itself. Returns the output and this token's k, v [B, R, kv, D].
+        """
+        b, r, _ = x.shape
+        q, k, v = self._qkv(x, positions)  # R plays the time axis: [B, R, kv, g, D]
+        s_prompt = self._scores("brkgd,bpkd->brkgp", q, prompt_k.astype(q.dtype))
+        s_prompt = jnp.where(prompt_mask[:, None, None, None, :] > 0, s_prompt, _NEG)
+        s_gen = self._scores("brkgd,brskd->brkgs", q, gen_k.astype(q.dtype))
+        s_gen = jnp.where(jnp.arange(gen_k.shape[2]) < filled, s_gen, _NEG)
+        s_self = self._scores("brkgd,brkd->brkg", q, k)[..., None]
+        p_prompt, p_gen, p_self = _softmax_parts([s_prompt, s_gen, s_self], x.dtype)
+        out = (jnp.einsum("brkgp,bpkd->brkgd", p_prompt, prompt_v.astype(x.dtype))
+               + jnp.einsum("brkgs,brskd->brkgd", p_gen, gen_v.astype(x.dtype))
+               + p_self * v[:, :, :, None, :])
+        return self.o_proj(out.reshape(b, r, -1)), k, v
 
 
 class MLP(nnx.Module):
@@ -202,62 +236,107 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x, positions, keys_cache, values_cache, key_mask, write_index):
-        attn, keys, values = self.self_attn(
-            self.input_layernorm(x), positions, keys_cache, values_cache, key_mask, write_index)
+    def _residual(self, x, attn):
         x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, keys, values
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def __call__(self, x, positions, key_mask):
+        attn, k, v = self.self_attn(self.input_layernorm(x), positions, key_mask)
+        return self._residual(x, attn), (k, v)
+
+    def decode(self, x, positions, prompt_k, prompt_v, prompt_mask, gen_k, gen_v, filled: int):
+        attn, k, v = self.self_attn.decode(self.input_layernorm(x), positions, prompt_k, prompt_v, prompt_mask,
+                                           gen_k, gen_v, filled)
+        return self._residual(x, attn), (k, v)
+
+
+def _stack_layers(layers: list[DecoderLayer]) -> DecoderLayer:
+    """One DecoderLayer whose params carry a leading layer axis (what `jax.lax.scan` runs over).
+
+    The layers are built one by one first, so the random init draws exactly what a per-layer
+    model would (same seeds, same weights as before the scan).
+    """
+    graphdef, _ = nnx.split(layers[0])
+    states = [nnx.to_pure_dict(nnx.state(layer)) for layer in layers]
+    stacked = nnx.state(layers[0])
+    nnx.replace_by_pure_dict(stacked, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+    return nnx.merge(graphdef, stacked)
 
 
 class Qwen2ForCausalLM(nnx.Module):
+    """Layers are one stacked DecoderLayer run by `jax.lax.scan`: every program compiles one layer
+    body whatever the depth. Param tree: `layers/<module>/<param>` with a leading [num_layers] axis."""
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         pdt = jnp.dtype(cfg.param_dtype)
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=jnp.dtype(cfg.dtype), param_dtype=pdt,
             embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.layers = _stack_layers([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(cfg, cfg.hidden_size, cfg.vocab_size, False, rngs)
 
-    def hidden_states(self, input_ids, attention_mask, cache: KVCache | None = None):
+    def _scan(self, step, x, per_layer_inputs=None):
+        """x -> step(layer, x, inputs_l) for each layer in turn; returns (x, stacked per-layer outputs)."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, xs):
+            layer_state, inputs = xs
+            return step(nnx.merge(graphdef, layer_state), carry, inputs)
+
+        return jax.lax.scan(body, x, (state, per_layer_inputs))
+
+    def _run(self, input_ids, attention_mask, keep_kv: bool):
         attention_mask = attention_mask.astype(jnp.int32)
-        offsets = jnp.cumsum(attention_mask, axis=1) - 1
-        if cache is None:
-            positions = jnp.maximum(offsets, 0)
-            key_mask, write_index = attention_mask, 0
-        else:
-            positions = jnp.maximum(cache.pos[:, None] + offsets, 0)
-            key_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
-            write_index = cache.index
-        x = self.embed_tokens(input_ids)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kc = None if cache is None else cache.k[i]
-            vc = None if cache is None else cache.v[i]
-            x, keys, values = layer(x, positions, kc, vc, key_mask, write_index)
-            new_k.append(keys)
-            new_v.append(values)
-        x = self.norm(x)
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(
-                k=jnp.stack(new_k), v=jnp.stack(new_v), mask=key_mask,
-                pos=cache.pos + attention_mask.sum(axis=1), index=cache.index + input_ids.shape[1])
-        return x, new_cache
+        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+
+        def step(layer, x, _):
+            x, kv = layer(x, positions, attention_mask)
+            return x, (kv if keep_kv else None)
+
+        x, kv = self._scan(step, self.embed_tokens(input_ids))
+        return self.norm(x), kv
+
+    def hidden_states(self, input_ids, attention_mask):
+        """Final-norm hidden states [B, T, hidden] of a full causal pass (training, scoring)."""
+        return self._run(input_ids, attention_mask, keep_kv=False)[0]
+
+    def prefill(self, input_ids, attention_mask) -> tuple[jax.Array, PromptCache]:
+        """Run left-padded prompts once: next-token logits [B, V] (last position only) and their cache."""
+        x, (k, v) = self._run(input_ids, attention_mask, keep_kv=True)
+        mask = attention_mask.astype(jnp.int32)
+        return self.logits(x[:, -1]), PromptCache(k=k, v=v, mask=mask, pos=mask.sum(axis=1))
+
+    def decode(self, tokens, prompt: PromptCache, gen: GenCache, step: int) -> tuple[jax.Array, GenCache]:
+        """Feed token [B, R] as every row's generated token number `step` (0-based, static).
+
+        Returns logits [B, R, V] and `gen` with this token's keys/values written in place at slot
+        `step` (one dynamic_update_slice per array, not a rebuilt cache).
+        """
+        positions = prompt.pos[:, None] + step + jnp.zeros_like(tokens)
+
+        def body(layer, x, inputs):
+            pk, pv, gk, gv = inputs
+            return layer.decode(x, positions, pk, pv, prompt.mask, gk, gv, step)
+
+        x, (k, v) = self._scan(body, self.embed_tokens(tokens), (prompt.k, prompt.v, gen.k, gen.v))
+        at = (0, 0, 0, step, 0, 0)
+        gen = gen.replace(k=jax.lax.dynamic_update_slice(gen.k, k[:, :, :, None].astype(gen.k.dtype), at),
+                          v=jax.lax.dynamic_update_slice(gen.v, v[:, :, :, None].astype(gen.v.dtype), at))
+        return self.logits(self.norm(x)), gen
 
     def logits(self, x):
         if self.cfg.tie_word_embeddings:
             return self.embed_tokens.attend(x).astype(jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
 
-    def __call__(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+    def __call__(self, input_ids, attention_mask=None):
+        """Logits [B, T, V] of a full causal pass."""
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        x, new_cache = self.hidden_states(input_ids, attention_mask, cache)
-        return self.logits(x), new_cache
+        return self.logits(self.hidden_states(input_ids, attention_mask))
 
 
 def build_model(cfg: ModelConfig, seed: int = 0) -> Qwen2ForCausalLM:

@@ -50,6 +50,7 @@ class RLInputs:
     targets: np.ndarray  # catalog index of each prompt's target SID
     sid_table: np.ndarray
     newline_id: int
+    eos_id: int  # beam rollouts score a, b, c, newline and EOS, as upstream's beam search
     init_md5: str
     tokenizer_dir: str
     num_sids: int
@@ -83,7 +84,7 @@ def prepare_inputs(cfg: dict, data_dir: str) -> RLInputs:
         model_cfg=mcfg.to_dict(), params=jax.device_get(params), prompt_ids=prompt_ids, prompt_mask=prompt_mask,
         targets=np.array([catalog.sid_index[s.sid] for s in samples], np.int32),
         sid_table=tk.sid_token_table(tok, catalog.sids), newline_id=tk.newline_id(tok),
-        init_md5=md5_file(cfg["init"]["checkpoint"]), tokenizer_dir=str(tok_dir), num_sids=len(catalog.sids),
+        eos_id=tok.eos_token_id, init_md5=md5_file(cfg["init"]["checkpoint"]), tokenizer_dir=str(tok_dir), num_sids=len(catalog.sids),
         valid=validate.prepare(cfg, data_dir, catalog, tok),
         sid_embeddings=(reward.load_sid_embeddings(cfg["rl"]["item_embeddings"], catalog)
                         if reward.needs_embeddings(cfg["rl"]["reward"]) else None))
@@ -194,7 +195,8 @@ class Trainer:
         prompt_ids, prompt_mask, targets = (parallel.place(a[rows], self.prompt_sharding)
                                             for a in (inp.prompt_ids, inp.prompt_mask, inp.targets))
         sid_index = self._timed("rollout", rollout.rollout, self.graphdef, self.params, prompt_ids, prompt_mask,
-                                self.trie, cfg["rollout"], inp.newline_id, jax.random.fold_in(self.base_key, step))
+                                self.trie, cfg["rollout"], inp.newline_id, inp.eos_id,
+                                jax.random.fold_in(self.base_key, step))
         rewards, adv = self._timed("reward_advantage", self.score, sid_index, targets)  # one jitted call
         batch = self._timed("logprobs", self._update_batch, prompt_ids, prompt_mask, sid_index, adv)
         t = time.time()
@@ -221,7 +223,7 @@ class Trainer:
         """Every process runs it: it gathers params and predictions."""
         t = time.time()
         metrics = validate.evaluate(self.graphdef, self.params, self.inputs.valid, self.inputs.sid_table,
-                                    self.inputs.newline_id, self.cfg["eval"])
+                                    self.inputs.newline_id, self.inputs.eos_id, self.cfg["eval"])
         self.timings["eval"] += time.time() - t
         return metrics
 

@@ -18,12 +18,12 @@ MODES = ("beam", "sample")
 
 
 def rollout(graphdef, params, prompt_ids: jax.Array, prompt_mask: jax.Array, trie: SidTrie,
-            rollout_cfg: dict, newline_id: int, rng: jax.Array) -> jax.Array:
+            rollout_cfg: dict, newline_id: int, eos_id: int, rng: jax.Array) -> jax.Array:
     """Returns sid_index int32 [B, G]: rows of the catalog's SID table, rank order for `beam`."""
     model = nnx.merge(graphdef, params)
     g, mode = int(rollout_cfg["n"]), rollout_cfg["mode"]
     if mode == "beam":
-        sid_index, _ = constrained_beam_search(model, prompt_ids, prompt_mask, trie, g, newline_id, key="rollout.n")
+        sid_index, _ = constrained_beam_search(model, prompt_ids, prompt_mask, trie, g, newline_id, eos_id, key="rollout.n")
         return sid_index
     if mode == "sample":
         sid_index, _, _ = constrained_sample(model, prompt_ids, prompt_mask, trie, g, newline_id, rng,

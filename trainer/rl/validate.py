@@ -42,7 +42,8 @@ def prepare(cfg: dict, data_dir: str, catalog, tok) -> dict | None:
             "pad_id": tok.pad_token_id}
 
 
-def evaluate(graphdef, params, valid: dict, sid_table: np.ndarray, newline_id: int, eval_cfg: dict) -> dict:
+def evaluate(graphdef, params, valid: dict, sid_table: np.ndarray, newline_id: int, eos_id: int,
+             eval_cfg: dict) -> dict:
     """Every process: {'valid/hr@K': ..., 'valid/ndcg@K': ...} for K <= eval.num_beams."""
     from trainer.eval.evaluate import _gather_rows, build_records, predict_sid_rows
     from trainer.eval.metrics import compute_metrics
@@ -54,7 +55,7 @@ def evaluate(graphdef, params, valid: dict, sid_table: np.ndarray, newline_id: i
     per_process = math.ceil(n / procs)
     mine = valid["prompts"][rank * per_process:(rank + 1) * per_process]
     rows, _ = predict_sid_rows(model, mine, valid["pad_id"], build_trie(np.asarray(sid_table)),
-                               int(eval_cfg["num_beams"]), newline_id, int(eval_cfg["batch_size"]))
+                               int(eval_cfg["num_beams"]), newline_id, eos_id, int(eval_cfg["batch_size"]))
     rows = _gather_rows(rows.astype(np.int32), per_process)[:n]  # collective
     records = build_records([""] * n, valid["targets"], rows, valid["sids"])
     metrics = compute_metrics(records, set(valid["sids"]))

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 def response_logprobs(model, input_ids: jax.Array, attention_mask: jax.Array, n_resp: int) -> jax.Array:
     """[B, n_resp] log p(token_t | tokens_<t) for the last n_resp tokens of each row."""
-    hidden, _ = model.hidden_states(input_ids, attention_mask)
+    hidden = model.hidden_states(input_ids, attention_mask)
     logits = model.logits(hidden[:, -n_resp - 1:-1])
     logp = jax.nn.log_softmax(logits, axis=-1)
     targets = input_ids[:, -n_resp:]

@@ -2,7 +2,9 @@
 
 The mesh has axes ("data", "fsdp"). Batches are split over both axes; each parameter matrix is
 sharded over "fsdp" along its first dimension that divides evenly (replicated otherwise), so
-fsdp=1 is plain data parallelism.
+fsdp=1 is plain data parallelism. The stacked decoder layers (`layers/...`, leading layer axis that
+the scan walks) are never sharded on that axis: each layer's matrix is split the same way as an
+unstacked one.
 """
 from __future__ import annotations
 
@@ -26,7 +28,10 @@ def make_mesh(mesh_cfg: dict) -> Mesh:
     return Mesh(np.array(devices).reshape(data, fsdp), BATCH_AXES)
 
 
-def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
+def param_spec(shape: tuple[int, ...], fsdp: int, stacked: bool = False) -> P:
+    """`stacked`: dim 0 is the layer axis, kept whole; the rest is split like an unstacked array."""
+    if stacked:
+        return P(None, *param_spec(shape[1:], fsdp))
     if len(shape) >= 2 and fsdp > 1:
         for dim, n in enumerate(shape):
             if n % fsdp == 0:
@@ -36,17 +41,24 @@ def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
     return P()
 
 
-def param_shardings(tree, mesh: Mesh):
+def _is_stacked(path) -> bool:
+    return any(getattr(k, "key", None) == "layers" for k in path)
+
+
+def _shardings_like(tree, mesh: Mesh):
     fsdp = mesh.shape["fsdp"]
-    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), fsdp)), tree)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, param_spec(np.shape(x), fsdp, _is_stacked(path))), tree)
+
+
+def param_shardings(tree, mesh: Mesh):
+    return _shardings_like(tree, mesh)
 
 
 def init_opt_state(tx, params, mesh: Mesh):
     """Optimizer state laid out like the params it mirrors (scalars replicated), as global arrays:
     an unconstrained init would leave step counters on one local device of each process."""
-    abstract = jax.eval_shape(tx.init, params)
-    fsdp = mesh.shape["fsdp"]
-    shardings = jax.tree.map(lambda x: NamedSharding(mesh, param_spec(x.shape, fsdp)), abstract)
+    shardings = _shardings_like(jax.eval_shape(tx.init, params), mesh)
     return jax.jit(tx.init, out_shardings=shardings)(params)
 
 

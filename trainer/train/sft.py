@@ -113,7 +113,8 @@ def prepare_data(cfg: dict, data_dir: str) -> dict:
             "num_sids": len(catalog.sids),
             # what process 0 needs to decode the valid prompts (sft.best_metric valid/hr@K, valid/ndcg@K)
             "valid_prompts": valid_prompts, "valid_targets": np.array([sid_pos[s.sid] for s in valid_samples]),
-            "sids": catalog.sids, "sid_table": table, "pad_id": tok.pad_token_id, "newline_id": tk.newline_id(tok)}
+            "sids": catalog.sids, "sid_table": table, "pad_id": tok.pad_token_id, "newline_id": tk.newline_id(tok),
+            "eos_id": tok.eos_token_id}
 
 
 def make_steps(graphdef, tx):
@@ -272,7 +273,7 @@ def _valid_ranking(graphdef, host_params, bundle: dict, trie, beams: int, batch_
     """valid/hr@K and valid/ndcg@K of K-beam constrained decoding, on a model local to this process."""
     model = nnx.merge(graphdef, jax.device_put(host_params, jax.local_devices()[0]))
     rows, _ = predict_sid_rows(model, bundle["valid_prompts"], bundle["pad_id"], trie, beams,
-                               bundle["newline_id"], batch_size)
+                               bundle["newline_id"], bundle["eos_id"], batch_size)
     sids = bundle["sids"]
     records = build_records([""] * len(rows), [sids[i] for i in bundle["valid_targets"]], rows, sids)
     m = compute_metrics(records, set(sids))
