@@ -137,8 +137,8 @@ def hf_decoder(tm, table: np.ndarray, beams: int):
     def decode(chunk):
         with torch.no_grad():
             processor = ConstrainedLogitsProcessor(prefix_allowed_tokens_fn=fn, num_beams=beams, base_model="qwen")
-            out = tm.generate(torch.tensor(chunk, dtype=torch.long), attention_mask=torch.ones(chunk.shape, dtype=torch.long),
-                              generation_config=config, return_dict_in_generate=True, output_scores=True,
+            out = tm.generate(torch.tensor(chunk, dtype=torch.long),
+                              attention_mask=torch.ones(chunk.shape, dtype=torch.long), generation_config=config, return_dict_in_generate=True, output_scores=True,
                               logits_processor=LogitsProcessorList([processor]))
         gen = out.sequences[:, chunk.shape[1]:].numpy()
         rows = np.array([lookup.get(tuple(s[:LEVELS]), -1) for s in gen.tolist()]).reshape(len(chunk), beams)

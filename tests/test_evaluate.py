@@ -93,6 +93,8 @@ def test_eval_writes_calc_compatible_files(bundle, full_run):
     assert summary["num_beams"] == n_sids and summary["n"] == ROWS and summary["process_count"] == 1
     assert summary["checkpoint_md5"] == md5_file(bundle["root"] / "ck.msgpack")
     assert summary["samples_per_s"] > 0 and summary["config"]["eval"]["num_beams"] == n_sids
+    assert sum(summary["decode_length_buckets"].values()) == ROWS
+    assert summary["decode_compiles"] <= len(summary["decode_length_buckets"])
     assert not list(full_run.glob(".*tmp"))  # atomic writes leave no temporaries
 
 
@@ -158,3 +160,25 @@ def test_two_processes_follower_in_empty_dir(bundle, tmp_path):
     if not single.exists():
         assert cli_main(eval_argv(bundle, single, "eval.num_beams=5")) == 0
     assert load_predictions(out / "eval_predictions.json") == load_predictions(single / "eval_predictions.json")
+
+
+def test_length_buckets_keep_prompt_order_and_compile_once_per_bucket(bundle):
+    """Prompts of 3 lengths land in 2 buckets (16, 48) of the fixed ladder; results come back in
+    prompt order and equal decoding each prompt alone."""
+    from trainer.data.batching import length_bucket
+    from trainer.decode.trie import build_trie
+    from trainer.eval.evaluate import predict_sid_rows
+
+    tok, catalog = bundle["tok"], bundle["catalog"]
+    assert [length_bucket(n) for n in (1, 16, 17, 33, 100, 160)] == [16, 16, 24, 48, 128, 192]
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, 200, size=n).tolist() for n in (40, 9, 12, 45, 10)]
+    trie = build_trie(tk.sid_token_table(tok, catalog.sids))
+    args = (tok.pad_token_id, trie, 5, tk.newline_id(tok), tok.eos_token_id)
+    stats: dict = {}
+    rows, scores = predict_sid_rows(bundle["model"], prompts, *args, batch_size=2, stats=stats)
+    assert stats["length_buckets"] == {16: 3, 48: 2} and stats["compiles"] <= 2
+    for i, p in enumerate(prompts):
+        alone_rows, alone_scores = predict_sid_rows(bundle["model"], [p], *args, batch_size=2)
+        np.testing.assert_array_equal(rows[i], alone_rows[0])
+        np.testing.assert_allclose(scores[i], alone_scores[0], atol=1e-5)

@@ -1,16 +1,24 @@
 """Token arrays for training and decoding: left-padded prompts with the response at the end."""
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
-PROMPT_LENGTH_BUCKET = 8  # prompt lengths round up to a multiple of this: fewer shapes to compile
+SMALLEST_BUCKET = 16
+
+
+def length_bucket(n: int) -> int:
+    """The padded length for a prompt of n tokens, from one fixed ladder for every run:
+    16, 24, 32, 48, 64, 96, 128, 192, 256, ... (padding stays under 50%, and a whole split
+    compiles one decode program per rung it uses, a handful at most)."""
+    b = SMALLEST_BUCKET
+    while b < n:
+        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3
+    return b
 
 
 def bucketed_length(seqs: list[list[int]]) -> int:
-    """The padded length for a set of prompts: the longest, rounded up to the bucket."""
-    return math.ceil(max(len(s) for s in seqs) / PROMPT_LENGTH_BUCKET) * PROMPT_LENGTH_BUCKET
+    """One padded length for a set of prompts: the rung of the longest."""
+    return length_bucket(max(len(s) for s in seqs))
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -9,8 +9,11 @@ processors in beam search.
 
 Each public function runs as one jitted program: one prefill of the prompts, whose K/V are kept once
 per prompt and shared by all its beams or samples (nothing is copied per beam), then one cached
-decode step per generated token, where each beam keeps only its own <= 4 generated tokens' K/V. The model goes in as nnx.split's (graphdef, state) so the
-graphdef is a static argument and the weights are ordinary traced arrays.
+decode step per generated token, where each beam keeps only its own <= 4 generated tokens' K/V.
+Why it is exact: a beam's attention over [prompt | its own tokens] is one softmax over both parts
+(trainer.model.qwen2.Attention.decode), the same numbers a per-beam copy of the cache would give.
+The model goes in as nnx.split's (graphdef, state) so the graphdef is a static argument and the
+weights are ordinary traced arrays.
 """
 from __future__ import annotations
 
@@ -70,6 +73,11 @@ def _beam_search(graphdef, state, prompt_ids, prompt_mask, trie: SidTrie, num_be
     score = score + _log_softmax(logits)[:, :, eos_id]
     score, order = jax.lax.top_k(score, k)
     return jnp.take_along_axis(node, order, axis=1), score
+
+
+def compiled_programs() -> int:
+    """How many beam-search programs this process has compiled (one per shape and beam count)."""
+    return _beam_search._cache_size()
 
 
 def check_num_beams(trie: SidTrie, num_beams: int, key: str = "eval.num_beams") -> None:

@@ -26,11 +26,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from trainer.train import distributed
-from trainer.data.batching import bucketed_length, left_pad
+from trainer.data.batching import left_pad, length_bucket
 from trainer.data.tokenizer import TOKENIZER_FILES
 from trainer.cli import base_parser
 from trainer.config import ConfigError, load_config
-from trainer.decode.beam import check_num_beams, constrained_beam_search
+from trainer.decode.beam import check_num_beams, compiled_programs, constrained_beam_search
 from trainer.errors import PredictionError, UserError
 from trainer.io_utils import atomic_write_json, md5_file, setup_logging
 from trainer.eval.metrics import compute_metrics
@@ -48,11 +48,15 @@ def _local_mesh() -> Mesh | None:
 
 
 def predict_sid_rows(model, prompts: list[list[int]], pad_id: int, trie: SidTrie, num_beams: int, newline_id: int,
-                     eos_id: int, batch_size: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                     eos_id: int, batch_size: int, progress: bool = False,
+                     stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Beam-search every prompt (token id lists) in fixed-shape batches.
 
-    Returns (sid_rows int32 [N, num_beams], scores float32 [N, num_beams]); rows index the SID
-    table the trie was built from. Every call uses the same [batch, length] shape.
+    Returns (sid_rows int32 [N, num_beams], scores float32 [N, num_beams]) in prompt order; rows
+    index the SID table the trie was built from. Prompts are grouped by length bucket
+    (batching.length_bucket, a fixed ladder) so short prompts are not padded to the longest one;
+    each bucket is one [batch, length] shape, one compiled program. `stats`, when given, gets
+    `length_buckets` {length: prompts} and `compiles` (programs compiled by this call).
     """
     check_num_beams(trie, num_beams)
     if batch_size < 1:
@@ -65,18 +69,25 @@ def predict_sid_rows(model, prompts: list[list[int]], pad_id: int, trie: SidTrie
         batch_size = math.ceil(batch_size / mesh.size) * mesh.size
         graphdef, state = nnx.split(model)  # a replicated copy; the caller's model is left as is
         model = nnx.merge(graphdef, jax.device_put(state, NamedSharding(mesh, P())))
-    length = bucketed_length(prompts)
-    rows, scores = [], []
-    for start in tqdm(range(0, n, batch_size), desc="eval", unit="batch", disable=not progress):
-        chunk = prompts[start:start + batch_size]
+    buckets: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        buckets.setdefault(length_bucket(len(p)), []).append(i)
+    batches = [(length, idx[s:s + batch_size]) for length, idx in sorted(buckets.items())
+               for s in range(0, len(idx), batch_size)]
+    compiled_before = compiled_programs()
+    sid_rows = np.zeros((n, num_beams), np.int32)
+    sc = np.zeros((n, num_beams), np.float32)
+    for length, idx in tqdm(batches, desc="eval", unit="batch", disable=not progress):
+        chunk = [prompts[i] for i in idx]
         chunk = chunk + [chunk[0]] * (batch_size - len(chunk))  # pad the last batch; dropped below
         ids, mask = left_pad(chunk, pad_id, length)
         if mesh is not None:
             ids, mask = jax.device_put((ids, mask), NamedSharding(mesh, P("data")))
-        sid_rows, sc = constrained_beam_search(model, ids, mask, trie, num_beams, newline_id, eos_id)
-        rows.append(np.asarray(sid_rows))
-        scores.append(np.asarray(sc))
-    sid_rows, sc = np.concatenate(rows)[:n], np.concatenate(scores)[:n]
+        rows, scores = constrained_beam_search(model, ids, mask, trie, num_beams, newline_id, eos_id)
+        sid_rows[idx], sc[idx] = np.asarray(rows)[:len(idx)], np.asarray(scores)[:len(idx)]
+    if stats is not None:
+        stats["length_buckets"] = {length: len(idx) for length, idx in sorted(buckets.items())}
+        stats["compiles"] = compiled_programs() - compiled_before
     _check_beams(sid_rows, sc)
     return sid_rows, sc
 
@@ -214,8 +225,9 @@ def run(args) -> dict | None:
     per_process = math.ceil(n / procs)
     mine = payload["prompts"][rank * per_process:(rank + 1) * per_process]
     t0 = time.time()
-    local_rows, _ = predict_sid_rows(model, mine, payload["pad_id"], trie, num_beams, payload["newline_id"], payload["eos_id"],
-                                     int(ev["batch_size"]), progress=main_proc)
+    decode_stats: dict = {}
+    local_rows, _ = predict_sid_rows(model, mine, payload["pad_id"], trie, num_beams, payload["newline_id"],
+                                     payload["eos_id"], int(ev["batch_size"]), progress=main_proc, stats=decode_stats)
     sid_rows = _gather_rows(local_rows.astype(np.int32), per_process)[:n]
     seconds = time.time() - t0
     if not main_proc:
@@ -228,6 +240,9 @@ def run(args) -> dict | None:
         **metrics,
         "split": ev["split"],
         "samples_per_s": n / seconds if seconds > 0 else None,
+        # process 0's decode shapes: prompts per padded length, and the programs that compiled
+        "decode_length_buckets": {str(k): v for k, v in decode_stats.get("length_buckets", {}).items()},
+        "decode_compiles": decode_stats.get("compiles", 0),
         "seconds": seconds,
         "checkpoint": str(args.checkpoint),
         "checkpoint_md5": payload["checkpoint_md5"],

@@ -23,7 +23,8 @@ def rollout(graphdef, params, prompt_ids: jax.Array, prompt_mask: jax.Array, tri
     model = nnx.merge(graphdef, params)
     g, mode = int(rollout_cfg["n"]), rollout_cfg["mode"]
     if mode == "beam":
-        sid_index, _ = constrained_beam_search(model, prompt_ids, prompt_mask, trie, g, newline_id, eos_id, key="rollout.n")
+        sid_index, _ = constrained_beam_search(model, prompt_ids, prompt_mask, trie, g, newline_id, eos_id,
+                                               key="rollout.n")
         return sid_index
     if mode == "sample":
         sid_index, _, _ = constrained_sample(model, prompt_ids, prompt_mask, trie, g, newline_id, rng,
