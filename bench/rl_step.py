@@ -4,6 +4,9 @@
 
 Prints one JSON line: mean seconds per step of each phase, after warm-up (compilation) steps:
   rollout    trie-constrained beam search / sampling of G completions per prompt
+  rollout_old  (beam mode) the same rollout by a frozen copy of the decoder before the shared
+             prompt cache and layer scan (bench/legacy_decoder.py), on the same params and prompts
+             in the same step, with `rollout_same_as_old` saying the outputs were identical
   reward     the reward function (rl.reward) on the rollout
   advantage  group-normalised advantages
   logprobs   building prompt+completion rows and the old/reference log-probs (the loop counts
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +30,9 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import legacy_decoder  # noqa: E402
 from trainer.train import parallel  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.model.qwen2 import ModelConfig, build_model  # noqa: E402
@@ -87,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(1)
 
     times = {k: [] for k in ("rollout", "reward", "advantage", "logprobs", "update")}
+    old_times, same_as_old = [], True
     for step in range(args.warmup + args.steps):
         ids = rng.integers(0, TEXT_VOCAB, size=(args.batch, args.prompt_len)).astype(np.int32)
         prompt_ids = parallel.place(ids, rep)
@@ -95,6 +102,13 @@ def main(argv: list[str] | None = None) -> dict:
         t = {}
         sid_index, t["rollout"] = _timed(rollout.rollout, graphdef, params, prompt_ids, prompt_mask, trie,
                                          cfg["rollout"], newline, newline + 1, jax.random.key(step))
+        if args.mode == "beam":  # before/after in the same step, same inputs (not part of the step)
+            legacy = legacy_decoder.from_stacked(mcfg, jax.device_get(params))
+            (old_index, _), old_s = _timed(legacy_decoder.beam_search, legacy, prompt_ids, prompt_mask, trie,
+                                           args.n, newline, newline + 1)
+            same_as_old &= bool((np.asarray(old_index) == np.asarray(sid_index)).all())
+            if step >= args.warmup:
+                old_times.append(old_s)
         rewards, t["reward"] = _timed(reward_fn, sid_index, targets)
         adv, t["advantage"] = _timed(adv_fn, rewards)
 
@@ -117,7 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
     step_s = sum(per_phase.values())
     result = {"bench": "rl_step", "mode": args.mode, "batch": args.batch, "n": args.n,
               "prompt_len": args.prompt_len, "num_sids": len(table), "reward": cfg["rl"]["reward"],
-              **per_phase, "step_s": step_s, "samples_per_s": args.batch * args.n / step_s,
+              **per_phase, "step_s": step_s,
+              **({"rollout_old_s": float(np.mean(old_times)),
+                  "rollout_speedup": float(np.mean(old_times)) / per_phase["rollout_s"],
+                  "rollout_same_as_old": same_as_old} if old_times else {}),
+              "loadavg": [round(x, 2) for x in os.getloadavg()], "samples_per_s": args.batch * args.n / step_s,
               "timed_steps": args.steps, "params": int(sum(x.size for x in jax.tree.leaves(host_params))),
               "backend": jax.default_backend(), "devices": jax.device_count()}
     print(json.dumps(result))
