@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +40,21 @@ def atomic_file(path: str | Path, suffix: str = ".tmp") -> Iterator[tuple[Binary
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_file(path) as (f, _):
         f.write(data)
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    """Put a copy of `src` at `dst` atomically, keeping `src` (a hard link when the filesystem
+    allows, so a multi-GB checkpoint costs no copy)."""
+    src, dst = Path(src), Path(dst)
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.link.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        with atomic_file(dst) as (f, _), open(src, "rb") as s:
+            shutil.copyfileobj(s, f)
+        return
+    os.replace(tmp, dst)
 
 
 def _umask() -> int:

@@ -30,7 +30,7 @@ class RunLog:
         source = saved if resume_step and saved and saved.exists() else None
         kept = [l for l in source.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step] \
             if source else []
-        self.path.write_text("".join(k + "\n" for k in kept))
+        atomic_write_text(self.path, "".join(k + "\n" for k in kept))  # then appended line by line
         enabled = cfg["wandb"]["enabled"]
         if enabled is True or (enabled == "auto" and os.environ.get("WANDB_API_KEY")):
             try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from trainer.io_utils import atomic_write_json, md5_file, setup_logging
 from trainer.eval.metrics import compute_metrics
 from trainer.model.qwen2 import ModelConfig, build_model
 from trainer.decode.trie import SidTrie, build_trie
+from trainer.train.train_state import PREVIOUS_DIR, retire_outputs
 
 log = logging.getLogger("trainer")
 PREDICTIONS_FILE = "eval_predictions.json"
@@ -221,6 +223,8 @@ def run(args) -> dict | None:
     nnx.update(model, state)
     trie = build_trie(payload["sid_table"])
 
+    if main_proc:  # a kill while decoding must not leave an earlier eval's files looking current
+        retire_outputs(args.out, (PREDICTIONS_FILE, SUMMARY_FILE))
     procs, rank = distributed.process_count(), jax.process_index()
     per_process = math.ceil(n / procs)
     mine = payload["prompts"][rank * per_process:(rank + 1) * per_process]
@@ -256,6 +260,7 @@ def run(args) -> dict | None:
     out = Path(args.out)
     atomic_write_json(out / PREDICTIONS_FILE, records)
     atomic_write_json(out / SUMMARY_FILE, summary)
+    shutil.rmtree(out / PREVIOUS_DIR, ignore_errors=True)
     log.info("eval %s: n=%d beams=%d %s  (%.1f samples/s)", ev["split"], n, num_beams,
              " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/hr") or k.startswith("eval/ndcg")),
              summary["samples_per_s"] or 0.0)

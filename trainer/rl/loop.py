@@ -254,6 +254,9 @@ def write_outputs(out: Path, trainer: Trainer, host_params, start: int, elapsed:
 def run(cfg: dict, data_dir: str) -> dict | None:
     out = Path(cfg["output_dir"])
     main_proc = distributed.is_main()
+    rollout.check_mode(cfg["rollout"]["mode"])  # before any work, not at the first rollout
+    if main_proc:  # first: a kill from here on must not leave an earlier run looking like this one
+        train_state.retire_outputs(out, (CHECKPOINT_FILE, "metrics.jsonl", *TOKENIZER_FILES))
     trainer = Trainer(cfg, distributed.on_main(prepare_inputs, cfg, data_dir))
     state_path = train_state.state_path(out, cfg)
     restored = distributed.on_main(

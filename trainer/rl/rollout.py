@@ -17,11 +17,17 @@ from trainer.decode.trie import SidTrie
 MODES = ("beam", "sample")
 
 
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ConfigError(f"rollout.mode: unknown '{mode}'; valid: {', '.join(MODES)}")
+    return mode
+
+
 def rollout(graphdef, params, prompt_ids: jax.Array, prompt_mask: jax.Array, trie: SidTrie,
             rollout_cfg: dict, newline_id: int, eos_id: int, rng: jax.Array) -> jax.Array:
     """Returns sid_index int32 [B, G]: rows of the catalog's SID table, rank order for `beam`."""
     model = nnx.merge(graphdef, params)
-    g, mode = int(rollout_cfg["n"]), rollout_cfg["mode"]
+    g, mode = int(rollout_cfg["n"]), check_mode(rollout_cfg["mode"])
     if mode == "beam":
         sid_index, _ = constrained_beam_search(model, prompt_ids, prompt_mask, trie, g, newline_id, eos_id,
                                                key="rollout.n")
@@ -30,7 +36,7 @@ def rollout(graphdef, params, prompt_ids: jax.Array, prompt_mask: jax.Array, tri
         sid_index, _, _ = constrained_sample(model, prompt_ids, prompt_mask, trie, g, newline_id, rng,
                                              float(rollout_cfg["temperature"]))
         return sid_index
-    raise ConfigError(f"rollout.mode: unknown '{mode}'; valid: {', '.join(MODES)}")
+    raise AssertionError("unreachable: check_mode")
 
 
 def completion_tokens(sid_table: jax.Array, sid_index: jax.Array, newline_id: int) -> jax.Array:

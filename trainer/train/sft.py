@@ -34,7 +34,7 @@ from trainer.eval.evaluate import build_records, predict_sid_rows
 from trainer.eval.metrics import TOPK, compute_metrics
 from trainer.decode.trie import build_trie
 from trainer.config import ConfigError, load_config
-from trainer.io_utils import atomic_write_json, md5_file, setup_logging
+from trainer.io_utils import atomic_copy, atomic_write_json, md5_file, setup_logging
 from trainer.train.losses import response_logprobs
 from trainer.model.qwen2 import ModelConfig, build_model
 from trainer.train.optim import build_optimizer
@@ -160,6 +160,10 @@ def run(cfg: dict, data_dir: str) -> dict | None:
             raise ConfigError(f"sft.{key}={sft[key]!r}: must be an integer >= 1")
     patience = sft["early_stopping_patience"]
     _, beams = parse_best_metric(sft["best_metric"])  # fail before any work on a typo
+    from trainer.data import tokenizer as tk
+
+    if main_proc:  # first: a kill from here on must not leave an earlier run looking like this one
+        train_state.retire_outputs(out, ("sft_best.msgpack", "metrics.jsonl", *tk.TOKENIZER_FILES))
     kept = {}
 
     def prepare():
@@ -207,7 +211,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         log.info("resuming SFT from step %d (%s)", start, state_path)
 
     runlog = RunLog(out, cfg, main_proc, "sft", resume_step=start, state_dir=state_path.parent)
-    best_path = state_path.parent / "sft_best.msgpack"  # moved to the output when the run ends
+    best_path = state_path.parent / "sft_best.msgpack"  # copied to the output when the run ends
     valid = {"input_ids": bundle["valid_ids"], "attention_mask": bundle["valid_mask"], "resp_mask": bundle["valid_resp"]}
     higher_is_better = sft["best_metric"] != "valid/loss"
     t0, tokens, stopped_at = time.time(), 0, None
@@ -251,10 +255,10 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     elapsed = time.time() - t0
     if not main_proc:
         return None
-    from trainer.data import tokenizer as tk
-
     tk.save_tokenizer(tok, out)
-    best_path.replace(out / "sft_best.msgpack")
+    # A copy, not a move: a kill before run_summary.json is written must leave the state's best
+    # for the resumed run (which may not improve on it again).
+    atomic_copy(best_path, out / "sft_best.msgpack")
     summary = {
         "kind": "sft", "best_metric": sft["best_metric"], "best_value": best, "best_step": best_step,
         "steps": steps, "stopped_at": stopped_at, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),

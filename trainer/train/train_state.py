@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 
+from trainer.io_utils import atomic_write_text
 from trainer.model import checkpoint
 from trainer.train import parallel
+
+log = logging.getLogger("trainer")
 
 
 # Keys that do not change what training computes; everything else must match to resume.
@@ -31,8 +36,40 @@ def state_path(out_dir: str | Path, cfg: dict) -> Path:
 
 
 def clear(out_dir: str | Path) -> None:
-    """Drop resumable states once the run's final outputs are written."""
+    """Drop resumable states, and the outputs an earlier run left aside, once this run's final
+    outputs are written."""
     shutil.rmtree(Path(out_dir) / "state", ignore_errors=True)
+    shutil.rmtree(Path(out_dir) / PREVIOUS_DIR, ignore_errors=True)
+
+
+PREVIOUS_DIR = "previous"
+SUMMARY_FILE = "run_summary.json"  # written last by every run: its presence marks finished outputs
+_RETIRED = "retired"  # in previous/: every output of the earlier run has been moved there
+
+
+def retire_outputs(out_dir: str | Path, names: tuple[str, ...] | list[str]) -> list[str]:
+    """Process 0, first thing in a run: move a finished earlier run's outputs to OUT/previous/.
+
+    A kill of this run can then never leave the earlier outputs looking like its own, and they are
+    kept (not deleted) until this run's outputs are complete. Outputs count as a finished run only
+    beside their run_summary.json, so it moves first; `previous/retired` marks the move complete,
+    so a kill in between is completed by the next start, and files this run writes later (a kill
+    while it wrote its final outputs) are never taken for the earlier run's."""
+    out = Path(out_dir)
+    prev = out / PREVIOUS_DIR
+    if (prev / _RETIRED).is_file():
+        return []
+    if (out / SUMMARY_FILE).is_file():
+        prev.mkdir(parents=True, exist_ok=True)
+        os.replace(out / SUMMARY_FILE, prev / SUMMARY_FILE)  # from here on nothing in OUT looks finished
+    elif not (prev / SUMMARY_FILE).is_file():
+        return []  # no finished earlier run here
+    moved = [n for n in names if (out / n).is_file()]
+    for name in moved:
+        os.replace(out / name, prev / name)
+    atomic_write_text(prev / _RETIRED, "")
+    log.info("moved the previous run's outputs to %s before starting", prev)
+    return moved
 
 
 def batch_rows(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
