@@ -36,3 +36,21 @@ rule all:
     input:
         expand("results/{ds}/metrics.json", ds=["demo"]),
     default_target: True
+
+
+# The GCS emulator is reference-counted by the commands that use it (trainer/ops/gcs_emulator.py);
+# a job killed while holding it (Ctrl-C, SIGKILL) leaves a stale lease, released here.
+def release_emulator():
+    root = config["handoff"].get("emulator_root")
+    if root:
+        from trainer.ops.gcs_emulator import release_orphans
+
+        release_orphans(root)
+
+
+onsuccess:
+    release_emulator()
+
+
+onerror:
+    release_emulator()

@@ -39,12 +39,11 @@ class GcsEmulator:
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory) -> GcsEmulator:
     root = tmp_path_factory.mktemp("gcs_emulator")
-    endpoint = emu.ensure_running(root)
-    assert endpoint.startswith("http://127.0.0.1:")
-    try:
+    # Held for the session: CLI commands on the same root take and release their own leases.
+    with emu.serving(root) as endpoint:
+        assert endpoint.startswith("http://127.0.0.1:")
         yield GcsEmulator(root=root, endpoint=endpoint)
-    finally:
-        emu.stop(root)
+    assert emu.status(root) is None  # the last holder stopped it
 
 
 @pytest.fixture(scope="session")

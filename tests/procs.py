@@ -9,3 +9,16 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, IndexError):
         return False
     return state != "Z"
+
+
+def fake_gcs_servers(under: str | Path) -> list[tuple[int, str]]:
+    """(pid, command line) of live fake-gcs-server processes serving a directory under `under`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and b"fake-gcs-server" in args[0] and str(under).encode() in b" ".join(args) and alive(int(proc.name)):
+            found.append((int(proc.name), b" ".join(args).decode(errors="replace")))
+    return found

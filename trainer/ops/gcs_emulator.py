@@ -9,12 +9,19 @@ Every Snakemake job is its own process, so the server is shared through a state 
 alive and answers, and otherwise starts a detached one (log: `ROOT/emulator.log`). A file lock
 (`ROOT/emulator.lock`) keeps two concurrent jobs from starting two servers.
 
+Lifetime (reference-counted): a command that needs the server holds a lease for as long as it
+runs (`with serving(ROOT) as endpoint`, one file `ROOT/leases/PID`); the last lease released stops
+the server. Leases of processes that died (SIGKILL) are dropped by the next release or by
+`release_orphans(ROOT)` (the workflow's onsuccess/onerror). `gcs-emulator start` takes a manual
+lease that only `gcs-emulator stop` ends.
+
 Clients find the server through environment variables (see `client_env`):
   google-cloud-storage:  STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT
   gcloud storage:        CLOUDSDK_API_ENDPOINT_OVERRIDES_STORAGE=http://127.0.0.1:PORT/storage/v1/
                          CLOUDSDK_AUTH_ACCESS_TOKEN=<anything>  (the emulator ignores auth)
                          CLOUDSDK_CORE_PROJECT=<anything>
-CLI: `python -m trainer gcs-emulator start|stop|status --root DIR [--port N]`.
+CLI: `python -m trainer gcs-emulator start|stop|status|release --root DIR [--port N]` (release:
+`release_orphans`).
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,6 +52,8 @@ STATE_FILE = "emulator.json"
 LOCK_FILE = "emulator.lock"
 LOG_FILE = "emulator.log"
 DATA_DIR = "data"
+LEASE_DIR = "leases"
+MANUAL_LEASE = "manual"  # `gcs-emulator start`: held until `gcs-emulator stop`
 READY_TIMEOUT_S = 20.0
 
 # urllib must not send loopback health checks through an http_proxy from the environment.
@@ -225,25 +235,75 @@ def ensure_running(root_dir: str | Path, port: int | None = None) -> str:
         raise AssertionError("unreachable")
 
 
+def _live_leases(root: Path) -> list[str]:
+    """Lease names whose holder is alive (the manual lease always is); dead holders' are removed."""
+    leases = []
+    for lease in sorted((root / LEASE_DIR).glob("*")):
+        if lease.name == MANUAL_LEASE or (lease.name.isdigit() and _pid_alive(int(lease.name))):
+            leases.append(lease.name)
+        else:
+            lease.unlink(missing_ok=True)
+    return leases
+
+
+def _stop_if_unleased(root: Path) -> bool:
+    """Under the lock: stop the server when no live lease remains. True if it stopped one."""
+    if _live_leases(root):
+        return False
+    return _stop_locked(root)
+
+
+@contextlib.contextmanager
+def serving(root_dir: str | Path, port: int | None = None) -> Iterator[str]:
+    """Endpoint of the emulator serving `root_dir`, held for the block; the last holder stops it."""
+    root = Path(root_dir).resolve()
+    endpoint = ensure_running(root, port)
+    lease = root / LEASE_DIR / str(os.getpid())
+    with _locked(root):
+        lease.parent.mkdir(parents=True, exist_ok=True)
+        lease.touch()
+    try:
+        yield endpoint
+    finally:
+        with _locked(root):
+            lease.unlink(missing_ok=True)
+            _stop_if_unleased(root)
+
+
+def release_orphans(root_dir: str | Path) -> bool:
+    """Drop dead holders' leases; stop the server if nobody holds it. True if it stopped one."""
+    root = Path(root_dir).resolve()
+    if not root.is_dir():
+        return False
+    with _locked(root):
+        return _stop_if_unleased(root)
+
+
 def status(root_dir: str | Path) -> dict[str, Any] | None:
     """The state of a live emulator for `root_dir`, or None."""
     return _live_state(Path(root_dir).resolve())
 
 
 def stop(root_dir: str | Path) -> bool:
-    """Stop the emulator serving `root_dir` (objects stay on disk). True if one was running."""
+    """Stop the emulator serving `root_dir` whoever holds it (objects stay on disk). True if one was
+    running."""
     root = Path(root_dir).resolve()
     with _locked(root):
-        state = _read_state(root)
-        stopped = False
-        if state and int(state.get("pid", 0)) > 0:
-            pid = int(state["pid"])
-            if _pid_alive(pid) and _serves_root(pid, root / DATA_DIR):
-                _terminate(pid)
-                stopped = True
-                log.info("GCS emulator for %s stopped (pid %d)", root, pid)
-        (root / STATE_FILE).unlink(missing_ok=True)
-        return stopped
+        shutil.rmtree(root / LEASE_DIR, ignore_errors=True)
+        return _stop_locked(root)
+
+
+def _stop_locked(root: Path) -> bool:
+    state = _read_state(root)
+    stopped = False
+    if state and int(state.get("pid", 0)) > 0:
+        pid = int(state["pid"])
+        if _pid_alive(pid) and _serves_root(pid, root / DATA_DIR):
+            _terminate(pid)
+            stopped = True
+            log.info("GCS emulator for %s stopped (pid %d)", root, pid)
+    (root / STATE_FILE).unlink(missing_ok=True)
+    return stopped
 
 
 def client_env(endpoint: str) -> dict[str, str]:
@@ -297,17 +357,23 @@ def main(argv: list[str]) -> int:
     from trainer.io_utils import setup_logging
 
     p = base_parser("gcs-emulator", "start, stop or inspect the local GCS emulator (fake-gcs-server)")
-    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("action", choices=["start", "stop", "status", "release"])
     p.add_argument("--root", required=True, help="directory for objects, state file, lock and log")
     p.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: a free one)")
     args = p.parse_args(argv[1:])
     setup_logging(args.log)
     if args.action == "start":
         endpoint = ensure_running(args.root, args.port)
+        lease = Path(args.root) / LEASE_DIR / MANUAL_LEASE
+        lease.parent.mkdir(parents=True, exist_ok=True)
+        lease.touch()
         print(json.dumps({"endpoint": endpoint, **client_env(endpoint)}, indent=2))
         return 0
     if args.action == "stop":
         print("stopped" if stop(args.root) else "not running")
+        return 0
+    if args.action == "release":
+        print("stopped" if release_orphans(args.root) else "still held or not running")
         return 0
     state = status(args.root)
     print(json.dumps(state, indent=2) if state else "not running")

@@ -30,8 +30,10 @@ Modules: trainer/ops/upload.py (upload + receipt), download.py (verified downloa
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Any, Iterator
 
 from trainer.errors import HandoffError
 from trainer.ops.download import download_verified
@@ -43,12 +45,17 @@ __all__ = ["Digest", "OVERWRITE_HINT", "download_verified", "file_digest", "is_e
            "parse_gs_uri", "receipt_entry", "upload_files", "verify_local"]
 
 
-def _client_for(emulator_root: str | None):
+@contextlib.contextmanager
+def _client_for(emulator_root: str | None) -> Iterator[Any]:
+    """A storage client for the command's duration; with an emulator root, the emulator is held
+    (started if needed) while the command runs and stopped when its last holder ends."""
     from trainer.ops import gcs_emulator
 
-    if emulator_root:
-        return gcs_emulator.storage_client(gcs_emulator.ensure_running(emulator_root))
-    return gcs_emulator.storage_client()
+    if not emulator_root:
+        yield gcs_emulator.storage_client()
+        return
+    with gcs_emulator.serving(emulator_root) as endpoint:
+        yield gcs_emulator.storage_client(endpoint)
 
 
 def main(argv: list[str]) -> int:
@@ -68,9 +75,9 @@ def main(argv: list[str]) -> int:
         p.add_argument("--emulator-root", default=None, metavar="DIR", help=emu_help)
         args = p.parse_args(rest)
         setup_logging(args.log)
-        receipt = upload_files(args.files, args.uri, args.overwrite, args.workers,
-                               client=_client_for(args.emulator_root), receipt_path=args.receipt,
-                               chunk_size_mib=args.chunk_mib)
+        with _client_for(args.emulator_root) as client:
+            receipt = upload_files(args.files, args.uri, args.overwrite, args.workers, client=client,
+                                   receipt_path=args.receipt, chunk_size_mib=args.chunk_mib)
         for e in receipt["files"]:
             print(f"{e['status']:>17}  {e['uri']}  md5={e['md5']} crc32c={e['crc32c']} gen={e['generation']}")
         return 0
@@ -89,9 +96,16 @@ def main(argv: list[str]) -> int:
     if args.emulator_root and receipt.get("emulator") is False:
         raise HandoffError(f"receipt {args.receipt} points at real GCS ({receipt.get('endpoint')}); "
                            "drop --emulator-root to download from it")
-    client = _client_for(args.emulator_root)
-    for name in args.name:
-        dest = Path(args.dest) / name if len(args.name) > 1 else Path(args.dest)
-        result = download_verified(args.receipt, name, dest, client=client)
-        print(f"{result['status']}: {result['uri']} -> {dest}")
+    with _client_for(args.emulator_root) as client:
+        for name in args.name:
+            dest = Path(args.dest) / name if len(args.name) > 1 else Path(args.dest)
+            try:
+                result = download_verified(args.receipt, name, dest, client=client)
+            except HandoffError:
+                if args.emulator_root:  # objects the emulator cannot see: name that cause instead
+                    from trainer.ops.emulator_xattrs import check_object_metadata
+
+                    check_object_metadata(Path(args.emulator_root) / "data")
+                raise
+            print(f"{result['status']}: {result['uri']} -> {dest}")
     return 0
