@@ -50,12 +50,14 @@ rule crosscheck:
         predictions=rules.evaluate.output.predictions,
         summary=rules.evaluate.output.summary,
         info="data/{ds}/info.txt",
+        data=rules.prepare_data.output,  # the split CSV the rows are checked against (and its catalog)
     output:
         "results/{ds}/{model}/calc_crosscheck.json",
     params:
         args=crosscheck_args(config),
         # Snakemake deletes a failed job's output: the report of a failed check is kept here too
         failed_report="logs/crosscheck/{ds}_{model}.failed.json",
+        data=lambda w, input: parent(input.data[0]),
     log:
         "logs/crosscheck/{ds}_{model}.log",
     script:

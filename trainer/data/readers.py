@@ -30,6 +30,7 @@ CSV_COLUMNS = ("user_id", "history_item_title", "item_title", "history_item_id",
                "history_item_sid", "item_sid")
 LIST_COLUMNS = ("history_item_title", "history_item_id", "history_item_sid")
 
+BOM = "\ufeff"
 SID_RE = re.compile(r"<a_\d+><b_\d+><c_\d+>")
 CODE_RES = (re.compile(r"<a_\d+>"), re.compile(r"<b_\d+>"), re.compile(r"<c_\d+>"))
 
@@ -105,39 +106,46 @@ def load_catalog_files(info_path: str | Path, index_path: str | Path) -> Catalog
     item_to_sid: dict[str, str] = {}
     titles: dict[str, str] = {}
     info_line: dict[str, int] = {}
-    with open(info_path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) < 3:
-                raise DataError(f"{info_path}: line {lineno}: expected 3 tab-separated fields "
-                                f"SID<TAB>title<TAB>item_id, got {len(parts)}: {line[:120]!r}; "
-                                "fix or regenerate the file")
-            # A title could itself contain a tab: the SID is first and the item id last.
-            sid, title, item_id = parts[0].strip(), "\t".join(parts[1:-1]), parts[-1].strip()
-            if not SID_RE.fullmatch(sid):
-                raise DataError(f"{info_path}: line {lineno}: SID {sid!r} does not match "
-                                "<a_N><b_N><c_N>; fix or regenerate the file")
-            if not item_id:
-                raise DataError(f"{info_path}: line {lineno}: empty item_id (third field)")
-            if item_id in item_to_sid:
-                raise DataError(f"{info_path}: line {lineno}: item_id {item_id!r} already listed "
-                                f"on line {info_line[item_id]}; each item must appear once")
-            info_line[item_id] = lineno
-            item_to_sid[item_id] = sid
-            titles[item_id] = title
-            if sid not in sid_to_items:
-                sids.append(sid)
-                sid_to_items[sid] = []
-            sid_to_items[sid].append(item_id)
+    try:
+        with open(info_path, encoding="utf-8") as f:
+            for lineno, raw in enumerate(f, start=1):
+                line = raw.rstrip("\r\n")
+                if lineno == 1 and line.startswith(BOM):
+                    raise DataError(f"{info_path}: starts with a UTF-8 byte-order mark (BOM, bytes EF BB BF); "
+                                    "MiniOneRec's calc.py would read the first SID with it attached: save the "
+                                    "file as UTF-8 without a BOM")
+                if not line.strip():
+                    continue
+                parts = line.split("\t")
+                if len(parts) < 3:
+                    raise DataError(f"{info_path}: line {lineno}: expected 3 tab-separated fields "
+                                    f"SID<TAB>title<TAB>item_id, got {len(parts)}: {line[:120]!r}; "
+                                    "fix or regenerate the file")
+                # A title could itself contain a tab: the SID is first and the item id last.
+                sid, title, item_id = parts[0].strip(), "\t".join(parts[1:-1]), parts[-1].strip()
+                if not SID_RE.fullmatch(sid):
+                    raise DataError(f"{info_path}: line {lineno}: SID {sid!r} does not match "
+                                    "<a_N><b_N><c_N>; fix or regenerate the file")
+                if not item_id:
+                    raise DataError(f"{info_path}: line {lineno}: empty item_id (third field)")
+                if item_id in item_to_sid:
+                    raise DataError(f"{info_path}: line {lineno}: item_id {item_id!r} already listed "
+                                    f"on line {info_line[item_id]}; each item must appear once")
+                info_line[item_id] = lineno
+                item_to_sid[item_id] = sid
+                titles[item_id] = title
+                if sid not in sid_to_items:
+                    sids.append(sid)
+                    sid_to_items[sid] = []
+                sid_to_items[sid].append(item_id)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{info_path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
     if not sids:
         raise DataError(f"{info_path}: no items; the info file is empty")
 
     try:
         index = json.loads(Path(index_path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{index_path}: not valid JSON ({e}); regenerate the file") from e
     if not isinstance(index, dict):
         raise DataError(f"{index_path}: top level must be an object {{item_id: [3 code tokens]}}")

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from trainer.data.readers import SID_RE, code_tokens, split_sid
 from trainer.errors import CheckpointError, DataError
-from trainer.io_utils import atomic_write_bytes
+from trainer.io_utils import atomic_write_bytes, read_json
 from trainer.data.prompts import CHAT_TEMPLATE, Prompt
 
 EOS_TOKEN = "<|endoftext|>"
@@ -59,6 +59,10 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer.json or tokenizer_config.json; point tokenizer.path "
                               "at an HF checkpoint directory, or set it to null to train one")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # name the damaged file, if one is
+        if (path / name).is_file():
+            read_json(path / name, CheckpointError, "the tokenizer file is damaged: copy it again from the "
+                                                    "checkpoint directory, or rerun the step that wrote it")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as e:

@@ -114,9 +114,20 @@ def config_from_hf(hf: dict, source: str | Path) -> ModelConfig:
     if hf.get("use_sliding_window"):
         log.warning("%s: use_sliding_window is true; this model attends to the full context", source)
     try:
-        return ModelConfig.from_hf(hf)
+        cfg = ModelConfig.from_hf(hf)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{source}: cannot read the model configuration ({type(e).__name__}: {e})") from e
+    check_model_keys(cfg.to_dict(), source)
+    return cfg
+
+
+def check_model_keys(keys: dict, source: str | Path) -> None:
+    """Each model setting must have the type and range the trainer config declares for model.*."""
+    from trainer.config import SCHEMA
+
+    for key, value in keys.items():
+        if f"model.{key}" in SCHEMA:
+            SCHEMA[f"model.{key}"].check(f"model.{key}", value, str(source))
 
 
 def _tensor_files(hf_dir: Path) -> dict[str, list[str]]:
@@ -339,6 +350,7 @@ def _export_main(argv: list[str]) -> int:
         model_keys = load_config(args.config, args.overrides)["model"]
     if model_keys.get("vocab_size") is None:
         model_keys = {**model_keys, "vocab_size": _checkpoint_vocab(ckpt)}
+    check_model_keys(model_keys, args.model_config or "model.*")
     try:
         cfg = ModelConfig.from_dict(model_keys)
     except (TypeError, ValueError) as e:

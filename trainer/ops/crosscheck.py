@@ -233,12 +233,21 @@ def compare(calc: CalcOutput, summary: dict, summary_path: str, tolerance: float
     return rows, problems
 
 
-def _count_all_invalid(predictions: str, info: str) -> int:
-    """Invalid SIDs over every beam (calc.py stops counting at the hit)."""
+def _check_predictions(predictions: str, info: str, data_dir: str | None, summary: dict | None,
+                       report: dict) -> list[str]:
+    """Invalid SIDs over every beam (calc.py stops counting at the hit), located by record and
+    beam; with `data_dir`, the row check against its split CSV (trainer/ops/rowcheck.py)."""
     from trainer.eval.metrics import compute_metrics, load_predictions, load_valid_sids
+    from trainer.ops.rowcheck import check_rows, invalid_beams
 
-    metrics = compute_metrics(load_predictions(predictions), load_valid_sids(info))
-    return int(metrics["eval/invalid_prediction_count_all_beams"])
+    records, valid = load_predictions(predictions), load_valid_sids(info)
+    n = int(compute_metrics(records, valid)["eval/invalid_prediction_count_all_beams"])
+    report["invalid_count_all_beams"] = n
+    problems = [f"{n} predicted SID(s) over all beams are not in {info}; first: "
+                + ", ".join(invalid_beams(records, valid))] if n else []
+    if data_dir:
+        problems += check_rows(records, predictions, data_dir, summary)
+    return problems
 
 
 def _fmt(value) -> str:
@@ -268,14 +277,17 @@ def format_table(report: dict) -> str:
 # ---------------------------------------------------------------------------- the command
 
 def run_crosscheck(predictions: str, summary_path: str, info: str, out: str, cfg: dict,
-                   upstream: UpstreamSource | None = None, failed_report: str | None = None) -> dict:
+                   upstream: UpstreamSource | None = None, failed_report: str | None = None,
+                   data_dir: str | None = None) -> dict:
     """Run calc, compare, write `out` (always; also `failed_report` on failure, else it is removed);
-    raise CrosscheckError when anything disagrees."""
+    raise CrosscheckError when anything disagrees. With `data_dir` (the dataset the eval read), the
+    predictions are also checked row by row against the split the summary names."""
     tolerance = cfg["crosscheck"].get("tolerance")
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
         raise ConfigError(f"crosscheck.tolerance must be a number >= 0, got {tolerance!r}")
     report = {
         "tool": None, "command": None, "predictions": predictions, "summary": summary_path, "info": info,
+        "data_dir": data_dir,
         "returncode": None, "n_beam": None, "topk": None, "metrics": {}, "max_abs_diff": None,
         "invalid_count": None, "summary_invalid_count": None, "invalid_count_all_beams": None,
         "tolerance": float(tolerance), "print_resolution": PRINT_RESOLUTION, "passed": False, "problems": [],
@@ -319,9 +331,7 @@ def run_crosscheck(predictions: str, summary_path: str, info: str, out: str, cfg
     if isinstance(report["summary_invalid_count"], int) and report["summary_invalid_count"] > 0:
         problems.append(f"{summary_path} reports {report['summary_invalid_count']} invalid prediction(s)")
     try:
-        report["invalid_count_all_beams"] = _count_all_invalid(predictions, info)
-        if report["invalid_count_all_beams"]:
-            problems.append(f"{report['invalid_count_all_beams']} predicted SID(s) over all beams are not in {info}")
+        problems.extend(_check_predictions(predictions, info, data_dir, summary, report))
     except UserError as e:
         problems.append(str(e))
 
@@ -356,6 +366,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--summary", required=True, help="run_summary.json of the same eval")
     p.add_argument("--info", required=True, help="info file (SID<TAB>title<TAB>item_id) the eval used")
     p.add_argument("--out", required=True, help="where to write calc_crosscheck.json")
+    p.add_argument("--data", default=None, help="dataset directory the eval read (e.g. data/office): predictions "
+                                               "must match its split CSV in count, order and targets")
     p.add_argument("--failed-report", default=None,
                    help="also write the report here when the check fails (survives Snakemake removing --out)")
     up = p.add_argument_group("upstream calc.py (used when crosscheck.calc_script is null)")
@@ -369,5 +381,6 @@ def main(argv: list[str]) -> int:
     cfg = load_config(args.config, args.overrides)
     upstream = (UpstreamSource(args.download_commit, args.pins, args.download_repo, args.upstream_root, args.cache_dir)
                 if args.download_commit else None)
-    run_crosscheck(args.predictions, args.summary, args.info, args.out, cfg, upstream, args.failed_report)
+    run_crosscheck(args.predictions, args.summary, args.info, args.out, cfg, upstream, args.failed_report,
+                   args.data)
     return 0

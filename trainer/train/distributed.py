@@ -22,7 +22,27 @@ import numpy as np
 
 ARGV_KEY = "trainer/argv"
 ENV_COORD, ENV_NUM, ENV_ID = "TRAINER_COORDINATOR", "TRAINER_NUM_PROCESSES", "TRAINER_PROCESS_ID"
-FOLLOWER_TIMEOUT_S = int(os.environ.get("TRAINER_FOLLOWER_TIMEOUT_S", "3600"))
+ENV_TIMEOUT = "TRAINER_FOLLOWER_TIMEOUT_S"
+
+
+def env_int(name: str, default: int | None = None, minimum: int = 0) -> int:
+    """An integer from the environment; a missing (without default) or malformed value is a
+    UserError naming the variable (the executor sets these; a user may set them by hand)."""
+    from trainer.errors import UserError
+
+    text = os.environ.get(name)
+    if text is None:
+        if default is None:
+            raise UserError(f"environment variable {name} is not set; the multi-process protocol needs "
+                            f"{ENV_COORD}, {ENV_NUM} and {ENV_ID} on every process (see trainer/train/distributed.py)")
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise UserError(f"environment variable {name}={text!r}: expected an integer >= {minimum}")
+    return value
 
 log = logging.getLogger("trainer")
 _initialized = False
@@ -33,7 +53,8 @@ def init_from_env() -> None:
     global _initialized
     if _initialized:
         return
-    num = int(os.environ.get(ENV_NUM, "1"))
+    num = env_int(ENV_NUM, 1, minimum=1)
+    env_int(ENV_TIMEOUT, 3600, minimum=1)  # read by followers; checked on every process up front
     if num > 1 or os.environ.get("TRAINER_TPU_AUTO_DISTRIBUTED") == "1":
         # CPU processes need a collectives implementation to talk to each other (ignored on TPU).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -41,12 +62,21 @@ def init_from_env() -> None:
             jax.distributed.initialize(
                 coordinator_address=os.environ[ENV_COORD],
                 num_processes=num,
-                process_id=int(os.environ[ENV_ID]),
+                process_id=_process_id(num),
             )
         else:
             jax.distributed.initialize()
         log.info("backend=%s process=%d/%d", jax.default_backend(), jax.process_index(), jax.process_count())
     _initialized = True
+
+
+def _process_id(num: int) -> int:
+    from trainer.errors import UserError
+
+    pid = env_int(ENV_ID)
+    if pid >= num:
+        raise UserError(f"environment variable {ENV_ID}={pid} but {ENV_NUM}={num}: ids run from 0 to {num - 1}")
+    return pid
 
 
 def start(argv: list[str]) -> None:
@@ -128,7 +158,7 @@ def publish_argv(argv: list[str]) -> None:
 
 
 def follower_argv() -> list[str]:
-    return json.loads(_kv_client().blocking_key_value_get(ARGV_KEY, FOLLOWER_TIMEOUT_S * 1000))
+    return json.loads(_kv_client().blocking_key_value_get(ARGV_KEY, env_int(ENV_TIMEOUT, 3600, 1) * 1000))
 
 
 def main(argv: list[str]) -> int:

@@ -2,5 +2,5 @@
 from trainer.cli import run_rule
 
 run_rule(snakemake, "crosscheck", *snakemake.params.args, predictions=snakemake.input.predictions,
-         summary=snakemake.input.summary, info=snakemake.input.info, out=snakemake.output[0],
-         failed_report=snakemake.params.failed_report)
+         summary=snakemake.input.summary, info=snakemake.input.info, data=snakemake.params.data,
+         out=snakemake.output[0], failed_report=snakemake.params.failed_report)
