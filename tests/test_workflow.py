@@ -99,9 +99,9 @@ def gcloud_ls(wd: Path, uri: str) -> str:
     """`gcloud storage ls URI` against the run's GCS emulator."""
     if not shutil.which("gcloud"):
         pytest.skip("gcloud CLI not installed")
-    endpoint = gcs_emulator.ensure_running(wd / EMULATOR_ROOT)
-    env = {**snakemake_env(), **gcs_emulator.client_env(endpoint), "CLOUDSDK_CONFIG": str(wd / ".gcloud")}
-    proc = subprocess.run(["gcloud", "storage", "ls", uri], env=env, capture_output=True, text=True, timeout=120)
+    with gcs_emulator.serving(wd / EMULATOR_ROOT) as endpoint:  # held for the listing, then stopped
+        env = {**snakemake_env(), **gcs_emulator.client_env(endpoint), "CLOUDSDK_CONFIG": str(wd / ".gcloud")}
+        proc = subprocess.run(["gcloud", "storage", "ls", uri], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
