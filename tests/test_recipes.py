@@ -217,7 +217,8 @@ def test_sft_preset_smoke_on_four_processes(tmp_path, rl_base):  # noqa: F811
     _run4(tmp_path, argv)
     s = summary(out)
     assert s["process_count"] == 4 and s["config"]["recipe"] == "minionerec"
-    assert s["optimizer"]["lr_schedule"]["type"] == "warmup_linear" and s["optimizer"]["lr_schedule"]["warmup_steps"] == 20
+    sched = s["optimizer"]["lr_schedule"]
+    assert sched["type"] == "warmup_linear" and sched["warmup_steps"] == 20
     assert s["steps"] == round(0.1 * (s["train_sequences"] // 64))
     assert s["train_sequences"] > 4 * len(rl_base_rows(rl_base))
 

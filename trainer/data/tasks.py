@@ -146,8 +146,8 @@ def sft_samples(names: list[str], data_dir, catalog: Catalog, train: list[Exampl
             out += [Sample(prompts.make_prompt(
                 "Can you recommend the next item for the user based on their interaction history?",
                 f"The user has sequentially interacted with items {', '.join(e.history_sids)}. Can you recommend "
-                "the next item for him? Tell me the title of the item"), text=text.sid2title.get(e.target_sid, e.target_sid))
-                for e in train]
+                "the next item for him? Tell me the title of the item"),
+                text=text.sid2title.get(e.target_sid, e.target_sid)) for e in train]
         elif name == "title_history2title":  # SFTData
             out += _title_history2title(train, _need_category(category, name), seed)
         elif name == "title_history2sid":  # TitleHistory2SidSFTDataset

@@ -212,12 +212,14 @@ def run(cfg: dict, data_dir: str) -> dict | None:
 
     runlog = RunLog(out, cfg, main_proc, "sft", resume_step=start, state_dir=state_path.parent)
     best_path = state_path.parent / "sft_best.msgpack"  # copied to the output when the run ends
-    valid = {"input_ids": bundle["valid_ids"], "attention_mask": bundle["valid_mask"], "resp_mask": bundle["valid_resp"]}
+    valid = {"input_ids": bundle["valid_ids"], "attention_mask": bundle["valid_mask"],
+             "resp_mask": bundle["valid_resp"]}
     higher_is_better = sft["best_metric"] != "valid/loss"
     t0, tokens, stopped_at = time.time(), 0, None
     for step in tqdm(range(start, steps), desc="sft", disable=not main_proc, initial=start, total=steps):
         rows = train_state.batch_rows(n_train, bs, step, cfg["seed"])
-        batch = parallel.global_batch({"input_ids": bundle["train_ids"][rows], "attention_mask": bundle["train_mask"][rows],
+        batch = parallel.global_batch({"input_ids": bundle["train_ids"][rows],
+                                       "attention_mask": bundle["train_mask"][rows],
                                        "resp_mask": bundle["train_resp"][rows]}, mesh)
         params, opt_state, m = train_step(params, opt_state, batch)
         tokens += int(bundle["train_mask"][rows].sum())
