@@ -50,7 +50,8 @@ def ranks(data: Path, sft_dir: Path, checkpoint: Path) -> np.ndarray:
     examples = dt.read_split(data, "valid", catalog, cfg["data"]["max_history"])
     model = build_model(ModelConfig.from_dict(cfg["model"], len(tok)), 0)
     load_into_model(model, checkpoint)
-    records, _ = evaluate_examples(model, tok, catalog, examples, 20, 50, cfg["data"]["max_prompt_len"])
+    records, _ = evaluate_examples(model, tok, catalog, examples, 20, 50, cfg["data"]["max_prompt_len"],
+                                   wording="sft")  # the wording SFT trained on
     target = [r["output"].strip() for r in records]
     return np.array([r["predict"].index(t) if t in r["predict"] else 20 for r, t in zip(records, target)])
 
