@@ -108,7 +108,7 @@ def _kill_after_checkpoint(data_dir: Path, out: Path, at_step: int, *sets: str) 
     """Run SFT in a child that SIGKILLs itself right after writing the train state of `at_step`."""
     code = (
         "import os, signal, sys\n"
-        "from trainer import train_state\n"
+        "from trainer.train import train_state\n"
         "from trainer.cli import main\n"
         "save = train_state.save\n"
         "def save_then_die(path, state):\n"
