@@ -37,7 +37,7 @@ from trainer.train import parallel  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.model.qwen2 import ModelConfig, build_model  # noqa: E402
 from trainer.train.optim import build_optimizer  # noqa: E402
-from trainer.rl import advantage, reward, rollout  # noqa: E402
+from trainer.rl import advantage, reward, rollout, update  # noqa: E402
 from trainer.rl.loop import make_step_fns  # noqa: E402
 from trainer.decode.trie import build_trie  # noqa: E402
 
@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
     mesh = parallel.make_mesh(cfg["mesh"])
     shardings = parallel.param_shardings(host_params, mesh)
     params = parallel.place(host_params, shardings)
-    ref_params = parallel.place(host_params, shardings)
+    with_ref = update.needs_reference(cfg["rl"]["kl_coef"])  # as trainer.rl.loop: only what the loss uses
+    with_old = update.needs_old_logprobs(cfg["rl"]["updates_per_rollout"])
+    ref_params = parallel.place(host_params, shardings) if with_ref else None
     tx, _, _ = build_optimizer(cfg["train"]["optimizer"], args.warmup + args.steps)
     opt_state = parallel.init_opt_state(tx, params, mesh)
     state_shardings = (shardings, jax.tree.map(lambda x: x.sharding, opt_state))
@@ -114,8 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         def rows():
             seq, mask, adv_rows = build_sequences(prompt_ids, prompt_mask, sid_table, sid_index, adv, newline)
-            return {"input_ids": seq, "attention_mask": mask, "advantages": adv_rows,
-                    "old_logp": logprobs(params, seq, mask), "ref_logp": logprobs(ref_params, seq, mask)}
+            out = {"input_ids": seq, "attention_mask": mask, "advantages": adv_rows}
+            if with_old:
+                out["old_logp"] = logprobs(params, seq, mask)
+            if with_ref:
+                out["ref_logp"] = logprobs(ref_params, seq, mask)
+            return jax.block_until_ready(out)
         batch, t["logprobs"] = _timed(rows)
 
         def updates(params, opt_state):

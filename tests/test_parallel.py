@@ -43,3 +43,12 @@ def test_mesh_must_cover_the_devices():
 
     with pytest.raises(ConfigError, match="mesh.data=3"):
         make_mesh({"data": 3, "fsdp": 1})
+
+
+def test_fsdp_minus_one_shards_over_every_device():
+    from trainer.train.parallel import make_mesh
+
+    mesh = make_mesh({"data": 1, "fsdp": -1})
+    assert mesh.shape == {"data": 1, "fsdp": len(__import__("jax").devices())}
+    with pytest.raises(ConfigError, match="both -1"):
+        make_mesh({"data": -1, "fsdp": -1})

@@ -136,6 +136,49 @@ def test_grpo_loss_token_mask_averages_real_tokens_only():
     np.testing.assert_allclose(float(loss), (-2.0 + -1.0) / 2, rtol=1e-6)
 
 
+def test_grpo_loss_on_policy_without_old_pass_equals_old_equal_logp():
+    # old_logp None (no old-log-prob forward): ratio exp(logp - stop_gradient(logp)) == 1 exactly,
+    # and the gradient is the plain policy gradient -A / (N * T) per token.
+    logp = jnp.asarray(np.log([[0.5, 0.25], [0.1, 0.9]]), jnp.float32)
+    adv, mask = jnp.asarray([1.0, -3.0]), jnp.ones((2, 2))
+    on = lambda lp: update.grpo_loss(lp, None, None, adv, mask, 0.2, 0.0)
+    off = lambda lp: update.grpo_loss(lp, jax.lax.stop_gradient(lp), None, adv, mask, 0.2, 0.0)
+    (l_on, m_on), g_on = jax.value_and_grad(on, has_aux=True)(logp)
+    (l_off, _), g_off = jax.value_and_grad(off, has_aux=True)(logp)
+    assert float(l_on) == float(l_off) == pytest.approx(1.0)
+    np.testing.assert_array_equal(np.asarray(g_on), np.asarray(g_off))
+    np.testing.assert_allclose(np.asarray(g_on), [[-0.25, -0.25], [0.75, 0.75]], rtol=1e-6)
+    assert "kl" not in m_on and float(m_on["clip_frac"]) == 0.0  # no reference: no KL metric
+
+
+def test_grpo_loss_with_kl_needs_reference():
+    logp = jnp.zeros((1, 2))
+    with pytest.raises(ValueError, match="kl_coef"):
+        update.grpo_loss(logp, None, None, jnp.ones(1), jnp.ones((1, 2)), 0.2, 0.04)
+    assert update.needs_reference(0.0) is False and update.needs_reference(1e-3) is True
+    assert update.needs_old_logprobs(1) is False and update.needs_old_logprobs(2) is True
+
+
+def test_update_step_donates_the_train_state(tiny):
+    # The old params/opt state buffers are handed to XLA for the new ones: after the step the
+    # caller's arrays are deleted, so two train states never coexist in device memory.
+    import optax
+
+    graphdef, params, _, table, prompts, _ = tiny
+    params = jax.tree.map(jnp.array, params)  # own copies: the module fixture stays intact
+    tx = optax.adam(1e-3)
+    opt_state = tx.init(params)
+    _, update_step = update.make_phase_fns(graphdef, tx, 0.2, 0.0)
+    resp = jnp.concatenate([jnp.asarray(table[:3]), jnp.full((3, 1), NEWLINE, jnp.int32)], -1)
+    ids = jnp.concatenate([prompts, resp], -1)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "advantages": jnp.array([1.0, -1.0, 0.5])}
+    new_params, new_opt, m = update_step(params, opt_state, batch)
+    assert all(x.is_deleted() for x in jax.tree.leaves(params))
+    assert all(x.is_deleted() for x in jax.tree.leaves(opt_state) if x.size > 1)
+    assert "kl" not in m and np.isfinite(float(m["loss"]))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(new_params))
+
+
 def test_completion_tokens():
     table = jnp.array([[10, 20, 30], [11, 21, 31], [12, 22, 32]], jnp.int32)
     out = np.asarray(rollout.completion_tokens(table, jnp.array([[1, 0], [2, 2]]), 99))

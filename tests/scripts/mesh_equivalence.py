@@ -24,7 +24,7 @@ opt = {"name": "adamw", "clip_norm": 1.0, "weight_decay": 0.0,
                        "init_value": 0.0, "end_value": 0.0}}
 tx, _, _ = build_optimizer(opt, 4)
 opt_state = parallel.init_opt_state(tx, params, mesh)
-train_step, _ = make_steps(graphdef, tx)
+train_step, _ = make_steps(graphdef, tx, mesh)
 rng = np.random.default_rng(0)
 for _ in range(4):
     ids = rng.integers(1, 64, size=(8, 12)).astype(np.int32)

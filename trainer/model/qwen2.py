@@ -123,6 +123,19 @@ def reorder_rows(gen: GenCache, parent: jax.Array) -> GenCache:
     return gen.replace(k=jnp.take_along_axis(gen.k, idx, axis=2), v=jnp.take_along_axis(gen.v, idx, axis=2))
 
 
+def shard_rows(x: jax.Array) -> jax.Array:
+    """Under an abstract mesh (trainer.train.parallel.rows_over), split x's rows over every mesh axis.
+
+    FSDP shards the embedding over its hidden dimension when the vocabulary does not divide the
+    mesh (151,665 + SID tokens rarely does); the lookup's layout would then propagate and every chip
+    would compute the whole batch. Without a mesh context (or with indivisible rows) a no-op.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or x.shape[0] % mesh.size:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(tuple(mesh.axis_names)))
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, param_dtype):
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
@@ -296,7 +309,7 @@ class Qwen2ForCausalLM(nnx.Module):
             x, kv = layer(x, positions, attention_mask)
             return x, (kv if keep_kv else None)
 
-        x, kv = self._scan(step, self.embed_tokens(input_ids))
+        x, kv = self._scan(step, shard_rows(self.embed_tokens(input_ids)))
         return self.norm(x), kv
 
     def hidden_states(self, input_ids, attention_mask):
@@ -321,16 +334,18 @@ class Qwen2ForCausalLM(nnx.Module):
             pk, pv, gk, gv = inputs
             return layer.decode(x, positions, pk, pv, prompt.mask, gk, gv, step)
 
-        x, (k, v) = self._scan(body, self.embed_tokens(tokens), (prompt.k, prompt.v, gen.k, gen.v))
+        x, (k, v) = self._scan(body, shard_rows(self.embed_tokens(tokens)), (prompt.k, prompt.v, gen.k, gen.v))
         at = (0, 0, 0, step, 0, 0)
         gen = gen.replace(k=jax.lax.dynamic_update_slice(gen.k, k[:, :, :, None].astype(gen.k.dtype), at),
                           v=jax.lax.dynamic_update_slice(gen.v, v[:, :, :, None].astype(gen.v.dtype), at))
         return self.logits(self.norm(x)), gen
 
     def logits(self, x):
-        if self.cfg.tie_word_embeddings:
-            return self.embed_tokens.attend(x).astype(jnp.float32)
-        return self.lm_head(x).astype(jnp.float32)
+        """fp32 logits whatever the compute dtype: log-probs, the RL ratio and beam scores differ in
+        the last bits of 150k-way softmaxes, which bf16 (8-bit mantissa) does not resolve. Only the
+        few positions that reach the vocabulary come here (see trainer.train.losses)."""
+        w = self.embed_tokens.embedding[...].T if self.cfg.tie_word_embeddings else self.lm_head.kernel[...]
+        return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
 
     def __call__(self, input_ids, attention_mask=None):
         """Logits [B, T, V] of a full causal pass."""

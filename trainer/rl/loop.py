@@ -121,7 +121,7 @@ def make_ref_sync(cfg: dict, ref_shardings):
 def make_step_fns(graphdef, tx, cfg: dict, mesh, state_shardings, sid_embeddings=None):
     rl = cfg["rl"]
     logprobs, update_step = update.make_phase_fns(graphdef, tx, float(rl["clip_eps"]), float(rl["kl_coef"]),
-                                                  state_shardings)
+                                                  state_shardings, mesh)
     reward_fn = reward.get(rl["reward"], sid_embeddings)
     g = int(cfg["rollout"]["n"])
     seq_sharding = _sharding_for(int(cfg["rollout"]["batch_size"]) * g, mesh)
@@ -154,11 +154,15 @@ class Trainer:
         if self.b > n_prompts:
             raise ConfigError(f"rollout.batch_size={self.b} exceeds the {n_prompts} training prompts; lower it")
         self.steps = total_steps(cfg, n_prompts)
-        mesh = parallel.make_mesh(cfg["mesh"])
+        self.mesh = mesh = parallel.make_mesh(cfg["mesh"])
         self.graphdef, _ = nnx.split(build_model(ModelConfig(**inputs.model_cfg), cfg["seed"]))
         shardings = parallel.param_shardings(inputs.params, mesh)
         self.params = parallel.place(inputs.params, shardings)
-        self.ref_params = parallel.place(inputs.params, shardings)  # frozen reference: the SFT best
+        # The frozen reference (the SFT best) exists only when the KL term uses it; the old-policy
+        # log-probs only when more than one (off-policy) update follows a rollout.
+        self.with_ref = update.needs_reference(cfg["rl"]["kl_coef"])
+        self.with_old = update.needs_old_logprobs(self.updates)
+        self.ref_params = parallel.place(inputs.params, shardings) if self.with_ref else None
         tx, self.schedule, self.opt_desc = build_optimizer(cfg["train"]["optimizer"], self.steps * self.updates)
         self.opt_state = parallel.init_opt_state(tx, self.params, mesh)
         rep = parallel.replicated(mesh)
@@ -167,7 +171,7 @@ class Trainer:
         state_shardings = (shardings, jax.tree.map(lambda x: x.sharding, self.opt_state))
         self.logprobs, self.update_step, self.score, self.build_sequences = make_step_fns(
             self.graphdef, tx, cfg, mesh, state_shardings, inputs.sid_embeddings)
-        self.sync_ref = make_ref_sync(cfg, shardings)
+        self.sync_ref = make_ref_sync(cfg, shardings) if self.with_ref else None  # no KL: nothing to sync
         self.prompt_sharding = _sharding_for(self.b, mesh)
         self.base_key = jax.random.key(int(cfg["seed"]))
         self.timings = {"rollout": 0.0, "reward_advantage": 0.0, "logprobs": 0.0, "update": 0.0, "eval": 0.0}
@@ -194,9 +198,10 @@ class Trainer:
         rows = train_state.batch_rows(len(inp.prompt_ids), self.b, step, int(cfg["seed"]))
         prompt_ids, prompt_mask, targets = (parallel.place(a[rows], self.prompt_sharding)
                                             for a in (inp.prompt_ids, inp.prompt_mask, inp.targets))
-        sid_index = self._timed("rollout", rollout.rollout, self.graphdef, self.params, prompt_ids, prompt_mask,
-                                self.trie, cfg["rollout"], inp.newline_id, inp.eos_id,
-                                jax.random.fold_in(self.base_key, step))
+        with parallel.rows_over(self.mesh):  # FSDP: the decoder's activations stay split by rows
+            sid_index = self._timed("rollout", rollout.rollout, self.graphdef, self.params, prompt_ids, prompt_mask,
+                                    self.trie, cfg["rollout"], inp.newline_id, inp.eos_id,
+                                    jax.random.fold_in(self.base_key, step))
         rewards, adv = self._timed("reward_advantage", self.score, sid_index, targets)  # one jitted call
         batch = self._timed("logprobs", self._update_batch, prompt_ids, prompt_mask, sid_index, adv)
         t = time.time()
@@ -207,17 +212,24 @@ class Trainer:
         if self.sync_ref:
             self.ref_params = self.sync_ref(step + 1, self.ref_params, self.params)
         r = parallel.to_host(rewards)
-        return {"reward_mean": float(r.mean()), "accuracy": float((r >= 1.0).any(axis=1).mean()),
-                "kl": float(m["kl"]), "loss": float(m["loss"]), "pg_loss": float(m["pg_loss"]),
-                "clip_frac": float(m["clip_frac"]), "grad_norm": float(m["grad_norm"]),
-                "lr": float(self.schedule(step * self.updates))}
+        metrics = {"reward_mean": float(r.mean()), "accuracy": float((r >= 1.0).any(axis=1).mean()),
+                   "loss": float(m["loss"]), "pg_loss": float(m["pg_loss"]),
+                   "clip_frac": float(m["clip_frac"]), "grad_norm": float(m["grad_norm"]),
+                   "lr": float(self.schedule(step * self.updates))}
+        if self.with_ref:
+            metrics["kl"] = float(m["kl"])
+        return metrics
 
     def _update_batch(self, prompt_ids, prompt_mask, sid_index, adv) -> dict:
-        """Completion rows with their advantages and the old-policy / reference log-probs."""
+        """Completion rows with their advantages and, when needed, old-policy / reference log-probs."""
         ids, mask, adv_rows = self.build_sequences(prompt_ids, prompt_mask, self.sid_table, sid_index, adv,
                                                    self.inputs.newline_id)
-        return {"input_ids": ids, "attention_mask": mask, "advantages": adv_rows,
-                "old_logp": self.logprobs(self.params, ids, mask), "ref_logp": self.logprobs(self.ref_params, ids, mask)}
+        batch = {"input_ids": ids, "attention_mask": mask, "advantages": adv_rows}
+        if self.with_old:
+            batch["old_logp"] = self.logprobs(self.params, ids, mask)
+        if self.with_ref:
+            batch["ref_logp"] = self.logprobs(self.ref_params, ids, mask)
+        return batch
 
     def validate(self) -> dict:
         """Every process runs it: it gathers params and predictions."""
@@ -241,7 +253,8 @@ def write_outputs(out: Path, trainer: Trainer, host_params, start: int, elapsed:
         "kind": "rl", "steps": trainer.steps, "resumed_from_step": start, "seconds": elapsed,
         "samples_per_s": (trainer.steps - start) * trainer.b * trainer.g / max(elapsed, 1e-9),
         "phase_seconds": trainer.timings, "process_count": jax.process_count(), "device_count": jax.device_count(),
-        "backend": jax.default_backend(), "init_checkpoint": cfg["init"]["checkpoint"],
+        "backend": jax.default_backend(), "reference_model": trainer.with_ref, "old_logprob_pass": trainer.with_old,
+        **parallel.describe(trainer.mesh, trainer.params), "init_checkpoint": cfg["init"]["checkpoint"],
         "init_checkpoint_md5": inp.init_md5, "optimizer": trainer.opt_desc, "num_sids": inp.num_sids,
         "train_prompts": len(inp.prompt_ids), "valid": valid_metrics, "curves": runlog.history(),
         "checkpoint_md5": md5_file(out / CHECKPOINT_FILE),

@@ -2,11 +2,13 @@
 
 The mesh has axes ("data", "fsdp"). Batches are split over both axes; each parameter matrix is
 sharded over "fsdp" along its first dimension that divides evenly (replicated otherwise), so
-fsdp=1 is plain data parallelism. The stacked decoder layers (`layers/...`, leading layer axis that
-the scan walks) are never sharded on that axis: each layer's matrix is split the same way as an
-unstacked one.
+fsdp=1 is plain data parallelism and fsdp=-1 shards every matrix over the whole slice. The
+stacked decoder layers (`layers/...`, leading layer axis that the scan walks) are never sharded on
+that axis: each layer's matrix is split the same way as an unstacked one.
 """
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import numpy as np
@@ -17,10 +19,15 @@ from trainer.config import ConfigError
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(mesh_cfg: dict) -> Mesh:
-    devices = jax.devices()
+def make_mesh(mesh_cfg: dict, devices=None) -> Mesh:
+    """Over `devices` (default: every device of the cluster)."""
+    devices = jax.devices() if devices is None else list(devices)
     fsdp = int(mesh_cfg.get("fsdp", 1))
     data = int(mesh_cfg.get("data", -1))
+    if fsdp == -1 and data == -1:
+        raise ConfigError("mesh.data and mesh.fsdp are both -1; set one of them (e.g. mesh.data=1 with mesh.fsdp=-1)")
+    if fsdp == -1:
+        fsdp = max(1, len(devices) // data)
     if data == -1:
         data = len(devices) // fsdp
     if data * fsdp != len(devices):
@@ -60,6 +67,19 @@ def init_opt_state(tx, params, mesh: Mesh):
     an unconstrained init would leave step counters on one local device of each process."""
     shardings = _shardings_like(jax.eval_shape(tx.init, params), mesh)
     return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
+def rows_over(mesh: Mesh | None):
+    """Context for tracing a step: the model splits its activations by rows over `mesh`
+    (trainer.model.qwen2.shard_rows), so FSDP gathers weights instead of replicating the batch."""
+    return contextlib.nullcontext() if mesh is None else jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def describe(mesh: Mesh, params) -> dict:
+    """For run summaries: the mesh and how many parameter arrays are sharded (FSDP) vs replicated."""
+    leaves = jax.tree.leaves(params)
+    sharded = sum(not x.sharding.is_fully_replicated for x in leaves)
+    return {"mesh": dict(mesh.shape), "params_sharded": sharded, "params_replicated": len(leaves) - sharded}
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

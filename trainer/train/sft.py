@@ -10,6 +10,7 @@ token arrays and metrics by broadcast. A rerun resumes from the last train state
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -117,16 +118,20 @@ def prepare_data(cfg: dict, data_dir: str) -> dict:
             "eos_id": tok.eos_token_id}
 
 
-def make_steps(graphdef, tx):
+def make_steps(graphdef, tx, mesh=None):
+    """Jitted (train_step, eval_loss); with `mesh`, activations are split by rows over it."""
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
         resp = batch.get("resp_mask")
         if resp is None:
             resp = jnp.ones((batch["input_ids"].shape[0], N_RESP), jnp.float32)
-        lp = response_logprobs(model, batch["input_ids"], batch["attention_mask"], resp.shape[1])
+        with parallel.rows_over(mesh):
+            lp = response_logprobs(model, batch["input_ids"], batch["attention_mask"], resp.shape[1])
         return -(lp * resp).sum() / jnp.maximum(resp.sum(), 1.0)
 
-    @jax.jit
+    # params and optimizer state are donated: the caller rebinds both, so the old and the new
+    # train state never coexist in device memory.
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def train_step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -198,7 +203,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     tx, schedule, opt_desc = build_optimizer(cfg["train"]["optimizer"], steps)
     params = parallel.place(jax.device_get(params), parallel.param_shardings(params, mesh))
     opt_state = parallel.init_opt_state(tx, params, mesh)
-    train_step, eval_loss = make_steps(graphdef, tx)
+    train_step, eval_loss = make_steps(graphdef, tx, mesh)
 
     state_path = train_state.state_path(out, cfg)
     start, best, best_step = 0, None, None
@@ -255,6 +260,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
                 runlog.snapshot(state_path.parent)
                 train_state.save(state_path, host_state)
     elapsed = time.time() - t0
+    layout = parallel.describe(mesh, params)
     if not main_proc:
         return None
     tk.save_tokenizer(tok, out)
@@ -264,7 +270,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     summary = {
         "kind": "sft", "best_metric": sft["best_metric"], "best_value": best, "best_step": best_step,
         "steps": steps, "stopped_at": stopped_at, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
-        "process_count": jax.process_count(), "device_count": jax.device_count(),
+        "process_count": jax.process_count(), "device_count": jax.device_count(), **layout,
         "optimizer": opt_desc, "model": mcfg.to_dict(), "num_sids": bundle["num_sids"],
         "train_sequences": n_train, "curves": runlog.history(),
         "sft_best_md5": md5_file(out / "sft_best.msgpack"), "config": cfg,
