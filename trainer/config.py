@@ -146,7 +146,7 @@ SCHEMA = {
     "tokenizer.bpe_vocab_size": Int(min=1),
     "init.checkpoint": Str(nullable=True),
     "mesh.data": Int(min=-1),
-    "mesh.fsdp": Int(min=1),
+    "mesh.fsdp": Int(min=-1),  # -1: every device the data axis leaves
     "train.optimizer.name": Str(),  # checked against trainer/train/optim.py OPTIMIZERS
     "train.optimizer.clip_norm": Float(min=0, nullable=True),  # null or 0: no clipping
     "train.optimizer.weight_decay": Float(min=0),
