@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     root = args.data_root or REPO / yaml.safe_load((REPO / "config/config.yaml").read_text())["data_root"]
     table, vocab, source = catalog(Path(root))
     sets = list(args.overrides) + ([f"model.num_layers={args.num_layers}"] if args.num_layers else [])
-    cfg_rl = load_config([PRESET / "base.yaml", PRESET / "rl.yaml"], sets)
-    cfg_sft = load_config([PRESET / "base.yaml", PRESET / "sft.yaml"], sets)
-    cfg_eval = load_config([PRESET / "base.yaml", PRESET / "eval.yaml"], sets)
+    cfg_rl = load_config([PRESET / "base.yaml", PRESET / "rl.yaml"], sets, "rl")
+    cfg_sft = load_config([PRESET / "base.yaml", PRESET / "sft.yaml"], sets, "sft")
+    cfg_eval = load_config([PRESET / "base.yaml", PRESET / "eval.yaml"], sets, "eval")
     cfg_rl["eval"] = cfg_eval["eval"]
     args.eval_batch = args.eval_batch or int(cfg_eval["eval"]["batch_size"])
     mcfg = ModelConfig.from_dict(cfg_rl["model"], vocab_size=vocab)

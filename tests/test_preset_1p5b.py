@@ -44,18 +44,19 @@ def test_preset_shape_is_qwen25_1p5b():
     from trainer.config import load_config
     from trainer.model.qwen2 import ModelConfig
 
-    cfg = load_config([PRESET / "base.yaml", PRESET / "rl.yaml"])
+    cfg = load_config([PRESET / "base.yaml", PRESET / "rl.yaml"], stage="rl")
     m = ModelConfig.from_dict(cfg["model"], vocab_size=151_665 + 3 * 256)
     assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate_size) == \
         (1536, 28, 12, 2, 128, 8960)
     assert m.rope_theta == 1e6 and m.tie_word_embeddings and (m.dtype, m.param_dtype) == ("bfloat16", "float32")
     assert (cfg["rollout"]["batch_size"], cfg["rollout"]["n"], cfg["eval"]["num_beams"]) == (32, 16, 50)
     assert cfg["mesh"] == {"data": 1, "fsdp": -1}
+    assert cfg["recipe"] == "minionerec" and cfg["rl"]["kl_coef"] == 1e-3  # upstream's RL recipe (rl.sh)
 
 
 def test_preset_rl_runs_on_four_processes(tmp_path, rl_base):  # noqa: F811
     out = tmp_path / "out"
-    log = _run4(tmp_path, _argv("rl", rl_base["data"], "steps=2", "rollout.batch_size=4", "rollout.n=4",
+    log = _run4(tmp_path, _argv("rl", rl_base["data"], "epochs=null", "steps=2", "rollout.batch_size=4", "rollout.n=4",
                                 "rl.kl_coef=0.0", "checkpoint_every_steps=0", "eval_every_steps=0",
                                 f"output_dir={out}", f"init.checkpoint={rl_base['checkpoint']}",
                                 f"tokenizer.path={rl_base['sft']}"))
@@ -73,7 +74,7 @@ def test_preset_rl_runs_on_four_processes(tmp_path, rl_base):  # noqa: F811
 
 def test_preset_sft_runs_on_four_processes(tmp_path, rl_base):  # noqa: F811
     out = tmp_path / "out"
-    log = _run4(tmp_path, _argv("sft", rl_base["data"], "sft.steps=2", "sft.batch_size=8", "sft.eval_every=2",
+    log = _run4(tmp_path, _argv("sft", rl_base["data"], "sft.epochs=null", "sft.steps=2", "sft.batch_size=8", "sft.eval_every=2",
                                 "sft.checkpoint_every=2", "sft.eval_samples=8", f"output_dir={out}"))
     s = summary(out)
     assert s["process_count"] == 4 and s["mesh"] == {"data": 1, "fsdp": 4} and s["params_sharded"] > 0
