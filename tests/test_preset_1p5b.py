@@ -74,7 +74,7 @@ def test_preset_rl_runs_on_four_processes(tmp_path, rl_base):  # noqa: F811
 
 def test_preset_sft_runs_on_four_processes(tmp_path, rl_base):  # noqa: F811
     out = tmp_path / "out"
-    log = _run4(tmp_path, _argv("sft", rl_base["data"], "sft.epochs=null", "sft.steps=2", "sft.batch_size=8", "sft.eval_every=2",
+    log = _run4(tmp_path, _argv("sft", rl_base["data"], "sft.epochs=null", "data.category=office products", "sft.steps=2", "sft.batch_size=8", "sft.eval_every=2",
                                 "sft.checkpoint_every=2", "sft.eval_samples=8", f"output_dir={out}"))
     s = summary(out)
     assert s["process_count"] == 4 and s["mesh"] == {"data": 1, "fsdp": 4} and s["params_sharded"] > 0
