@@ -140,7 +140,7 @@ def programs(cfg_rl: dict, cfg_sft: dict, mcfg: ModelConfig, table: np.ndarray, 
     rep = NamedSharding(train_mesh, P())
     p = args.prompt_len
     trie = jax.tree.map(lambda x: sds(x, rep), build_trie(table))
-    newline = 0  # any text token: the program does not depend on which
+    newline, eos = 0, 1  # any text tokens: the program does not depend on which
     out = {}
 
     sft_params, sft_opt = train_state_specs(params, tx_sft, train_mesh)
@@ -155,7 +155,8 @@ def programs(cfg_rl: dict, cfg_sft: dict, mcfg: ModelConfig, table: np.ndarray, 
     prompts = rows_spec((b, p), jnp.int32, rows)
     def roll_fn(prm, ids, mask, trie):  # as trainer.rl.loop calls it
         with parallel.rows_over(train_mesh):
-            return rollout.rollout(graphdef, prm, ids, mask, trie, cfg_rl["rollout"], newline, jax.random.key(0))
+            return rollout.rollout(graphdef, prm, ids, mask, trie, cfg_rl["rollout"], newline, eos,
+                                   jax.random.key(0))
     roll = jax.jit(roll_fn)
     out["rl_rollout"] = (16, roll, (rl_params, prompts, prompts, trie), {"rows": b, "beams": g, "prompt_len": p})
 
@@ -181,7 +182,7 @@ def programs(cfg_rl: dict, cfg_sft: dict, mcfg: ModelConfig, table: np.ndarray, 
     eb, beams = args.eval_batch, int(cfg_rl["eval"]["num_beams"])
     e_prompts = rows_spec((eb, p), jnp.int32, erows)
     beam = jax.jit(lambda prm, ids, mask, trie: constrained_beam_search(nnx.merge(graphdef, prm), ids, mask, trie,
-                                                                        beams, newline))
+                                                                        beams, newline, eos))
     out["eval_beam"] = (8, beam, (e_params, e_prompts, e_prompts, e_trie), {"rows": eb, "beams": beams, "prompt_len": p})
     return out
 
