@@ -5,6 +5,13 @@ IMPORTED = "|".join(config.get("sft_import") or {}) or "(?!)"  # (?!) matches no
 TRAINED = "|".join(d for d in config["datasets"] if d not in (config.get("sft_import") or {})) or "(?!)"
 
 
+def import_args(w):
+    """The dataset's base.yaml and overrides.sft: sft.yaml describes training from scratch, which
+    an import does not do (its model.* would contradict the checkpoint)."""
+    return ["--config", stage_configs(config, w.ds, "sft")[0]] + [
+        a for o in config["overrides"].get("sft", []) for a in ("--set", o)]
+
+
 rule sft:
     message:
         where("sft", "train")
@@ -30,13 +37,21 @@ rule sft:
         "../workflow/scripts/sft.py"
 
 
+# Runs where the checkpoint directory is (this machine), on one process; the catalog's SID tokens
+# and any model.* of the dataset's base.yaml are checked against the checkpoint before RL starts.
 rule sft_import:
     message:
         where("sft_import")
+    input:
+        data=rules.prepare_data.output,
+        configs=lambda w: [] if DEFAULT_STORAGE else stage_configs(config, w.ds, "sft")[:1],
     output:
         expand("runs/{{ds}}/sft/{name}", name=SFT_FILES),
     params:
+        trainer_args=import_args,
+        layers=stage_digest("sft"),
         hf_dir=lambda w: config["sft_import"][w.ds],
+        data=lambda w, input: parent(input.data[0]),
         out=lambda w, output: parent(output[0]),
     wildcard_constraints:
         ds=IMPORTED,

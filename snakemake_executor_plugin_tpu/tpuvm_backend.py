@@ -146,7 +146,9 @@ class TpuVmBackend:
     def worker_env(self, worker: int) -> dict[str, str]:
         from snakemake_executor_plugin_tpu.local_backend import trainer_env
 
-        env = {"SIDRL_JOB_TAG": self.tag, "SIDRL_SLICE": self.spec.slice_id}
+        # A TPU VM's job must find its TPU: jax falls back to the host CPU silently otherwise.
+        env = {"SIDRL_JOB_TAG": self.tag, "SIDRL_SLICE": self.spec.slice_id, "TRAINER_EXPECT_BACKEND": "tpu",
+               "TRAINER_ACCELERATOR": f"slice '{self.spec.slice_id}' ({self.spec.accelerator})"}
         env.update(self.spec.env)
         return trainer_env(self.coordinator, self.hosts, worker, env)
 

@@ -132,9 +132,9 @@ def _tail(path: Path, n: int = 3000) -> str:
 
 def load_params(path: Path) -> dict[str, np.ndarray]:
     """Flat {key/path: array} of a msgpack params file."""
-    from trainer.model.checkpoint import _flatten, read_msgpack
+    from trainer.model.checkpoint import _flatten, read_checkpoint
 
-    return {k: np.asarray(v) for k, v in _flatten(read_msgpack(path)).items()}
+    return {k: np.asarray(v) for k, v in _flatten(read_checkpoint(path)[0]).items()}
 
 
 def max_param_diff(a: dict, b: dict) -> float:

@@ -79,7 +79,7 @@ WORKFLOW = """
         input: "in.txt"
         output: "out/result.txt"
         resources: tpu="train"
-        shell: "(cat {input}; echo $TRAINER_PROCESS_ID $TRAINER_NUM_PROCESSES $TRAINER_COORDINATOR; pwd) > {output}"
+        shell: "(cat {input}; echo $TRAINER_PROCESS_ID $TRAINER_NUM_PROCESSES $TRAINER_COORDINATOR $TRAINER_EXPECT_BACKEND; pwd) > {output}"
 """
 
 FOLLOWER = """
@@ -93,8 +93,9 @@ def test_tpuvm_job_runs_on_every_host_of_the_fake_slice(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     host0_dir = root / "fake-tpu/worker0/sidrl"
     hello, env_line, cwd = (wd / "out/result.txt").read_text().splitlines()
-    # host 0 ran in its own checkout, got the input by scp and the coordinator from `describe`
-    assert hello == "hello" and env_line == "0 2 127.0.0.1:12345" and cwd == str(host0_dir)
+    # host 0 ran in its own checkout, got the input by scp and the coordinator from `describe`, and
+    # was told to find a TPU (trainer.train.distributed.check_backend)
+    assert hello == "hello" and env_line == "0 2 127.0.0.1:12345 tpu" and cwd == str(host0_dir)
     w1 = root / "fake-tpu/worker1/sidrl"
     assert (w1 / "follower_was_here").exists() and (w1 / "Snakefile").exists()  # code, ...
     assert not (w1 / "in.txt").exists() and not (w1 / "out").exists()  # ... but never the files

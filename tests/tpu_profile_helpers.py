@@ -91,7 +91,8 @@ def slices_overlay(handoff_uri: str, coordinator_port: int) -> str:
     # instead of `pip install -e .[tpu]` (offline): check the host's environment has what the jobs import
     host_check = ("python3 -c 'import importlib.util as u, sys; "
                   "sys.exit(any(u.find_spec(m) is None for m in (\"jax\", \"snakemake\", \"snakemake_storage_plugin_gcs\")))'")
-    common = {"setup_command": host_check, "busy_cleanup": False, "poll_interval_s": 0.5, "timeout_s": 900}
+    common = {"setup_command": host_check, "busy_cleanup": False, "poll_interval_s": 0.5, "timeout_s": 900,
+              "env": {"TRAINER_EXPECT_BACKEND": ""}}  # the fake TPU VMs are this CPU: no TPU to find
     doc = {
         "slices": {
             "train": {"name": TRAIN_TPU, "zone": "us-east5-b", "coordinator_port": coordinator_port, **common},

@@ -11,7 +11,7 @@ from trainer.errors import UserError
 # command -> module with `main(argv) -> int`; imported lazily so `--help` and light commands stay fast.
 COMMANDS = {
     "prepare-data": "trainer.data.prepare_data",
-    "import-hf": "trainer.model.hf_io",
+    "import-hf": "trainer.model.sft_import",
     "export-hf": "trainer.model.hf_io",
     "sft": "trainer.train.sft",
     "rl": "trainer.rl.loop",

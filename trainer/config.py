@@ -24,20 +24,24 @@ DEFAULTS: dict[str, Any] = {
     "recipe": None,
     "seed": 0,
     "output_dir": "runs/demo",
+    # null: the init checkpoint's value (checkpoints carry their model config); from scratch, the
+    # default of trainer.model.qwen2.ModelConfig (hidden 64, intermediate 128, 2 layers, 4 heads,
+    # 2 KV heads, rope_theta 1e4, rms_norm_eps 1e-6, tied embeddings, 512 positions, float32).
+    # A value that contradicts the checkpoint is an error (trainer.model.resolve).
     "model": {
-        "vocab_size": None,  # null: taken from the tokenizer
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_layers": 2,
-        "num_heads": 4,
-        "num_kv_heads": 2,
+        "vocab_size": None,  # null: the checkpoint's, else the tokenizer's size
+        "hidden_size": None,
+        "intermediate_size": None,
+        "num_layers": None,
+        "num_heads": None,
+        "num_kv_heads": None,
         "head_dim": None,  # null: hidden_size // num_heads
-        "rope_theta": 10000.0,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": True,
-        "max_position_embeddings": 512,
-        "dtype": "float32",  # compute dtype
-        "param_dtype": "float32",
+        "rope_theta": None,
+        "rms_norm_eps": None,
+        "tie_word_embeddings": None,
+        "max_position_embeddings": None,
+        "dtype": None,  # compute dtype; null: the checkpoint's (float32 from scratch)
+        "param_dtype": None,  # null: the checkpoint's; set: params are cast to it on load
     },
     "data": {
         "dir": "data/demo",  # holds train.csv valid.csv test.csv info.txt index.json item.json
@@ -122,18 +126,18 @@ SCHEMA = {
     "seed": Int(min=0),
     "output_dir": Str(),
     "model.vocab_size": Int(min=1, nullable=True),
-    "model.hidden_size": Int(min=1),
-    "model.intermediate_size": Int(min=1),
-    "model.num_layers": Int(min=1),
-    "model.num_heads": Int(min=1),
-    "model.num_kv_heads": Int(min=1),
+    "model.hidden_size": Int(min=1, nullable=True),
+    "model.intermediate_size": Int(min=1, nullable=True),
+    "model.num_layers": Int(min=1, nullable=True),
+    "model.num_heads": Int(min=1, nullable=True),
+    "model.num_kv_heads": Int(min=1, nullable=True),
     "model.head_dim": Int(min=1, nullable=True),
-    "model.rope_theta": Float(min=0, exclusive_min=True),
-    "model.rms_norm_eps": Float(min=0, exclusive_min=True),
-    "model.tie_word_embeddings": Bool(),
-    "model.max_position_embeddings": Int(min=1),
-    "model.dtype": Choice("float32", "bfloat16", "float16"),
-    "model.param_dtype": Choice("float32", "bfloat16", "float16"),
+    "model.rope_theta": Float(min=0, exclusive_min=True, nullable=True),
+    "model.rms_norm_eps": Float(min=0, exclusive_min=True, nullable=True),
+    "model.tie_word_embeddings": Bool(nullable=True),
+    "model.max_position_embeddings": Int(min=1, nullable=True),
+    "model.dtype": Choice("float32", "bfloat16", "float16", nullable=True),
+    "model.param_dtype": Choice("float32", "bfloat16", "float16", nullable=True),
     "data.dir": Str(),
     "data.max_history": Int(min=1, nullable=True),
     "data.max_prompt_len": Int(min=1),

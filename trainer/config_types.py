@@ -74,13 +74,13 @@ def Str(nullable: bool = False) -> Spec:
     return Spec(str, nullable)
 
 
-def Bool() -> Spec:
-    return Spec(bool)
+def Bool(nullable: bool = False) -> Spec:
+    return Spec(bool, nullable)
 
 
 def List() -> Spec:
     return Spec(list)
 
 
-def Choice(*choices: str) -> Spec:
-    return Spec(str, choices=choices)
+def Choice(*choices: str, nullable: bool = False) -> Spec:
+    return Spec(str, nullable, choices=choices)

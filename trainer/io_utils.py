@@ -82,12 +82,16 @@ def read_json(path: str | Path, error: type[Exception], hint: str) -> Any:
         raise error(f"{path}: not valid JSON ({e}); {hint}") from None
 
 
-def md5_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.md5()
+def md5_file(path: str | Path, chunk: int = 1 << 20, algorithm: str = "md5") -> str:
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def sha256_file(path: str | Path) -> str:
+    return md5_file(path, algorithm="sha256")
 
 
 def setup_logging(log_file: str | Path | None = None, level: int = logging.INFO) -> logging.Logger:

@@ -110,6 +110,20 @@ def newline_id(tok: PreTrainedTokenizerBase) -> int:
     return ids[0]
 
 
+def missing_sid_tokens(tok: PreTrainedTokenizerBase, sids: Iterable[str]) -> list[str]:
+    """The catalog's code tokens that this tokenizer does not hold as single tokens."""
+    vocab = tok.get_vocab()
+    return [c for c in code_tokens(sids) if c not in vocab or tok.encode(c, add_special_tokens=False) != [vocab[c]]]
+
+
+def sid_tokens_error(where: str, missing: list[str], total: int) -> CheckpointError:
+    shown = ", ".join(missing[:10]) + (f", ... ({len(missing) - 10} more)" if len(missing) > 10 else "")
+    return CheckpointError(
+        f"{where}: the tokenizer lacks {len(missing)} of the catalog's {total} SID code tokens: {shown}. "
+        "Add them the way MiniOneRec does (tokenizer.add_tokens(codes); model.resize_token_embeddings("
+        "len(tokenizer))), fine-tune, and save both again")
+
+
 def sid_token_table(tok: PreTrainedTokenizerBase, sids: Sequence[str]) -> np.ndarray:
     """int32 [num_sids, 3]: the token ids of each SID's three codes, in `sids` order."""
     table = np.zeros((len(sids), 3), dtype=np.int32)
@@ -119,6 +133,9 @@ def sid_token_table(tok: PreTrainedTokenizerBase, sids: Sequence[str]) -> np.nda
         ids = tok.encode(sid, add_special_tokens=False)
         codes = split_sid(sid)
         if len(ids) != 3 or tok.convert_ids_to_tokens(ids) != codes:
+            missing = missing_sid_tokens(tok, sids)
+            if missing:
+                raise sid_tokens_error(f"SID {sid}", missing, len(code_tokens(sids)))
             raise CheckpointError(f"SID {sid}: its codes are not single tokens of this tokenizer "
                                   f"(got {len(ids)} ids {ids}); add them with add_sid_tokens and "
                                   "save the tokenizer again")

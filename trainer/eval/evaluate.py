@@ -158,9 +158,8 @@ def verify_eval_copy(receipt: str | Path, checkpoint: str | Path, tokenizer_dir:
 def _load_inputs(args) -> dict:
     """Process 0: read config, data, tokenizer and checkpoint; everything followers need."""
     from trainer.data import readers as dt
-    from trainer.model.checkpoint import load_into_model
-    from trainer.model.qwen2 import params_dict
     from trainer.data.tokenizer import load_tokenizer, newline_id, sid_token_table
+    from trainer.model import resolve
 
     cfg = load_config(args.config, args.overrides, "eval")
     ev = cfg["eval"]
@@ -179,12 +178,10 @@ def _load_inputs(args) -> dict:
     tok = load_tokenizer(tok_dir)
     sid_table = sid_token_table(tok, catalog.sids)
     check_num_beams(build_trie(sid_table), int(ev["num_beams"]))
-    model_cfg = ModelConfig.from_dict(cfg["model"], vocab_size=len(tok))
-    model = build_model(model_cfg, cfg["seed"])
-    load_into_model(model, args.checkpoint)
+    model_cfg, params = resolve.load_checkpoint(args.checkpoint, cfg["model"], len(tok))  # the checkpoint's model
     texts, prompts = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"], ev["prompt"])
     return {
-        "cfg": cfg, "model_cfg": model_cfg.to_dict(), "params": jax.device_get(params_dict(model)),
+        "cfg": cfg, "model_cfg": model_cfg.to_dict(), "params": params,
         "prompts": prompts, "texts": texts, "targets": [ex.target_sid for ex in examples],
         "sids": catalog.sids, "sid_table": sid_table, "newline_id": newline_id(tok), "pad_id": tok.pad_token_id,
         "eos_id": tok.eos_token_id,
@@ -206,8 +203,12 @@ def _gather_rows(local: np.ndarray, per_process: int) -> np.ndarray:
 
 def run(args) -> dict | None:
     main_proc = distributed.is_main()
+    host_params = None
     try:
         inputs = _load_inputs(args) if main_proc else None
+        if main_proc:  # params go array by array below, never pickled with the rest
+            host_params = inputs.pop("params")
+            inputs["param_template"] = distributed.array_template(host_params)
         payload = distributed.broadcast_object(inputs if main_proc else None)
     except UserError as e:
         distributed.broadcast_object({"error": str(e)})  # followers must stop too, not hang
@@ -217,10 +218,10 @@ def run(args) -> dict | None:
     cfg, ev = payload["cfg"], payload["cfg"]["eval"]
     num_beams, n = int(ev["num_beams"]), len(payload["prompts"])
 
-    model = build_model(ModelConfig(**payload["model_cfg"]), cfg["seed"])
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, payload["params"])
-    nnx.update(model, state)
+    model_cfg = ModelConfig(**payload["model_cfg"])
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(model_cfg, cfg["seed"])))
+    model = nnx.merge(graphdef, distributed.broadcast_to_local(host_params, payload["param_template"]))
+    del host_params
     trie = build_trie(payload["sid_table"])
 
     if main_proc:  # a kill while decoding must not leave an earlier eval's files looking current
@@ -252,9 +253,8 @@ def run(args) -> dict | None:
         "checkpoint_md5": payload["checkpoint_md5"],
         "data_dir": payload["data_dir"],
         "tokenizer": payload["tokenizer"],
-        "process_count": procs,
-        "device_count": jax.device_count(),
-        "backend": jax.default_backend(),
+        **distributed.device_info(),
+        "model": payload["model_cfg"],
         "config": cfg,
     }
     out = Path(args.out)

@@ -1,14 +1,18 @@
 """Checkpoints: flax msgpack of the parameter pytree, and resumable train states.
 
 Parameter files hold nested dicts with string keys; the decoder layers are stacked on a leading
-axis (`layers/self_attn/q_proj/kernel` is [num_layers, in, out]), as the model holds them. Files
-written before the layer scan (one subtree per layer, `layers/0/self_attn/...`) are still read:
-`stack_layers` converts them on load. Loading checks the tree, every shape and dtype against the
-model built from config, so a checkpoint of the wrong model or a truncated file fails with a
-message instead of a silent mis-load.
+axis (`layers/self_attn/q_proj/kernel` is [num_layers, in, out]), as the model holds them, and,
+under MODEL_KEY, the model configuration as a JSON string, so a checkpoint says which model it is
+and every later stage builds that model (trainer.model.resolve). Files written before the layer
+scan (one subtree per layer, `layers/0/self_attn/...`) are still read: `stack_layers` converts
+them on load. Loading checks the tree, every shape and dtype against the model built from config,
+so a checkpoint of the wrong model or a truncated file fails with a message instead of a silent
+mis-load. Saving from a multi-process run fetches one array at a time to process 0 alone
+(host_tree_on_main): no process holds a second full copy.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,8 @@ from flax import nnx, serialization
 
 from trainer.errors import CheckpointError
 from trainer.io_utils import atomic_write_bytes
+
+MODEL_KEY = "__model_config__"  # JSON of trainer.model.qwen2.ModelConfig.to_dict()
 
 
 def _to_str_keys(tree):
@@ -43,14 +49,56 @@ def _flatten(tree, prefix=""):
     return out
 
 
-def params_to_bytes(params: dict) -> bytes:
+def params_to_bytes(params: dict, model: dict | None = None) -> bytes:
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), _to_str_keys(params))
+    if model is not None:
+        host = {**host, MODEL_KEY: json.dumps(model, sort_keys=True)}
     return serialization.msgpack_serialize(host)
 
 
-def save_params(path: str | Path, params: dict) -> None:
-    """Write a param pytree (nested dicts of arrays) atomically."""
-    atomic_write_bytes(path, params_to_bytes(params))
+def save_params(path: str | Path, params: dict, model: dict | None = None) -> None:
+    """Write a param pytree (nested dicts of host arrays) atomically, with its model config."""
+    atomic_write_bytes(path, params_to_bytes(params, model))
+
+
+def host_tree_on_main(tree):
+    """Every process calls it; process 0 gets the tree as host numpy arrays, the others None.
+
+    Arrays process 0 holds whole (replicated ones) are copied locally without any collective;
+    sharded ones are gathered one array at a time, so a follower holds at most one extra array.
+    """
+    main = jax.process_index() == 0
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            from jax.experimental import multihost_utils
+            host = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            return host if main else None
+        if not main:
+            return None
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(jax.device_get(x))
+
+    out = jax.tree.map(fetch, tree)
+    return out if main else None
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict | None]:
+    """(param tree, model config dict or None for files written without one)."""
+    tree = read_msgpack(path)
+    model = tree.pop(MODEL_KEY, None) if isinstance(tree, dict) else None
+    if model is not None:
+        try:
+            model = json.loads(model)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its {MODEL_KEY} entry is not JSON ({e}); the file is corrupt") from e
+    return tree, model
+
+
+def model_config_of(path: str | Path) -> dict | None:
+    """The model config a checkpoint was saved with (None: an older file without one)."""
+    return read_checkpoint(path)[1]
 
 
 def read_msgpack(path: str | Path) -> Any:
@@ -103,7 +151,12 @@ def stack_layers(tree: dict) -> dict:
 
 def load_params(path: str | Path, template: dict) -> dict:
     """Read params from `path`, validated against `template` (a param pytree of the same model)."""
-    loaded = stack_layers(read_msgpack(path))
+    return params_from_tree(read_checkpoint(path)[0], template, path)
+
+
+def params_from_tree(loaded: dict, template: dict, path: str | Path) -> dict:
+    """A read param tree (either layer layout), validated against `template`, with its keys."""
+    loaded = stack_layers(loaded)
     check_against(loaded, template, path)
     return _like_template(loaded, template)
 

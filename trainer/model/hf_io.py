@@ -7,9 +7,8 @@ leading axis (`layers/…`[i]), so import stacks and export slices. The name map
 the model's own param tree, so a layout change in trainer.model.qwen2 breaks import/export loudly
 instead of silently dropping tensors.
 
-CLI:
-  python -m trainer import-hf HF_DIR --out OUT_DIR
-  python -m trainer export-hf --checkpoint X.msgpack --tokenizer DIR --out OUT [--config F --set model.k=v]
+CLI (import-hf, the workflow stage, is trainer.model.sft_import):
+  python -m trainer export-hf --checkpoint X.msgpack --tokenizer DIR --out OUT
 """
 from __future__ import annotations
 
@@ -152,20 +151,21 @@ def _tensor_files(hf_dir: Path) -> dict[str, list[str]]:
     raise CheckpointError(f"{hf_dir}: no {SAFETENSORS} or {SAFETENSORS_INDEX}{extra}")
 
 
-def import_hf(hf_dir: str | Path, param_dtype: str = "float32") -> tuple[ModelConfig, dict]:
+def import_hf(hf_dir: str | Path, param_dtype: str | None = None) -> tuple[ModelConfig, dict]:
     """Read an HF Qwen2 checkpoint directory -> (ModelConfig, params as nested plain dicts).
 
-    Params are cast to `param_dtype` (bf16 files are widened to fp32 by default, matching the
-    model's default param dtype, so checkpoint.load_params accepts them).
+    Params keep the file's dtype (a bf16 checkpoint stays bf16) unless `param_dtype` is given; a
+    file mixing dtypes is cast to its config.json dtype. The config's dtype and param_dtype are
+    the params' dtype.
     """
     from safetensors import SafetensorError, safe_open
 
     hf_dir = Path(hf_dir)
-    cfg = config_from_hf(_read_json(hf_dir / "config.json"), hf_dir / "config.json")
-    cfg = dataclasses.replace(cfg, param_dtype=param_dtype)
+    hf_cfg = _read_json(hf_dir / "config.json")
+    cfg = config_from_hf(hf_cfg, hf_dir / "config.json")
     layout = hf_layout(cfg)
     shapes = param_shapes(cfg)
-    out_dtype = np.dtype(param_dtype) if param_dtype != "bfloat16" else _bf16()
+    out_dtype = None if param_dtype is None else _bf16() if param_dtype == "bfloat16" else np.dtype(param_dtype)
     params: dict = {}
     problems: list[str] = []
     seen: set[str] = set()
@@ -192,12 +192,13 @@ def import_hf(hf_dir: str | Path, param_dtype: str = "float32") -> tuple[ModelCo
                         problems.append(f"{path}: tensor {name} has shape {tuple(array.shape)}, config.json "
                                         f"implies {want_hf}")
                         continue
-                    value = np.ascontiguousarray((array.T if transpose else array).astype(out_dtype))
+                    value = array.T if transpose else array
+                    value = np.ascontiguousarray(value if out_dtype is None else value.astype(out_dtype))
                     if layer is None:
                         _set(params, ours, value)
-                    else:  # fill slot `layer` of the stacked array
+                    else:  # fill slot `layer` of the stacked array (in the first layer's dtype)
                         if _get_or_none(params, ours) is None:
-                            _set(params, ours, np.zeros(_get(shapes, ours).shape, out_dtype))
+                            _set(params, ours, np.zeros(_get(shapes, ours).shape, value.dtype))
                         _get(params, ours)[layer] = value
                     seen.add(name)
         except SafetensorError as e:
@@ -208,7 +209,27 @@ def import_hf(hf_dir: str | Path, param_dtype: str = "float32") -> tuple[ModelCo
         shown = "\n  ".join(problems[:12]) + (f"\n  ... {len(problems) - 12} more" if len(problems) > 12 else "")
         raise CheckpointError(f"{hf_dir}: checkpoint does not match its config.json "
                               f"(tie_word_embeddings={cfg.tie_word_embeddings}):\n  {shown}")
-    return cfg, params
+    dtypes = {_dtype_name(x.dtype) for x in _leaves(params)}
+    target = param_dtype or (dtypes.pop() if len(dtypes) == 1 else
+                             hf_cfg.get("dtype") or hf_cfg.get("torch_dtype") or "float32")
+    out_dtype = _bf16() if target == "bfloat16" else np.dtype(target)
+    params = _map(lambda x: x if x.dtype == out_dtype else x.astype(out_dtype), params)
+    return dataclasses.replace(cfg, param_dtype=target, dtype=target), params
+
+
+
+
+def _dtype_name(dtype) -> str:
+    return "bfloat16" if dtype == _bf16() else np.dtype(dtype).name
+
+
+def _leaves(tree: dict):
+    for v in tree.values():
+        yield from (_leaves(v) if isinstance(v, dict) else (v,))
+
+
+def _map(fn, tree: dict) -> dict:
+    return {k: _map(fn, v) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
 def _bf16():
@@ -299,26 +320,6 @@ def _str_keys(tree):
 
 # ----------------------------------------------------------------------------- CLI
 
-def _import_main(argv: list[str]) -> int:
-    from trainer.model.checkpoint import save_params
-    from trainer.cli import base_parser
-    from trainer.io_utils import setup_logging
-
-    p = base_parser("import-hf", "convert an HF Qwen2 checkpoint directory to sft_best.msgpack + model_config.json")
-    p.add_argument("hf_dir", help="directory with config.json and model.safetensors (or a sharded index)")
-    p.add_argument("--out", required=True, help="output directory")
-    args = p.parse_args(argv)
-    setup_logging(args.log)
-    cfg, params = import_hf(args.hf_dir)
-    out = Path(args.out)
-    save_params(out / "sft_best.msgpack", params)
-    atomic_write_json(out / "model_config.json", cfg.to_dict())
-    copied = copy_tokenizer_files(Path(args.hf_dir), out)
-    log.info("imported %s -> %s (vocab %d, %d layers; tokenizer files: %s)", args.hf_dir, out,
-             cfg.vocab_size, cfg.num_layers, ", ".join(copied) or "none")
-    return 0
-
-
 def _checkpoint_vocab(path: Path) -> int:
     from trainer.model.checkpoint import read_msgpack
 
@@ -330,7 +331,7 @@ def _checkpoint_vocab(path: Path) -> int:
 
 
 def _export_main(argv: list[str]) -> int:
-    from trainer.model.checkpoint import load_params
+    from trainer.model.checkpoint import load_params, model_config_of
     from trainer.cli import base_parser
     from trainer.config import load_config
     from trainer.io_utils import setup_logging
@@ -339,13 +340,17 @@ def _export_main(argv: list[str]) -> int:
     p.add_argument("--checkpoint", required=True, help="params msgpack (e.g. sft_state_rl_last.msgpack)")
     p.add_argument("--tokenizer", default=None, help="directory with the tokenizer files to ship")
     p.add_argument("--model-config", default=None,
-                   help="model_config.json written by import-hf (instead of the config's model.* keys)")
+                   help="a model_config JSON, for checkpoints saved without their model config")
     p.add_argument("--out", required=True, help="output directory")
     args = p.parse_args(argv)
     setup_logging(args.log)
     ckpt = Path(args.checkpoint)
+    stored = model_config_of(ckpt)
     if args.model_config:
         model_keys = _read_json(Path(args.model_config))
+    elif stored is not None:  # the checkpoint says which model it is; model.* may only repeat it
+        from trainer.model.resolve import resolve
+        model_keys = resolve(load_config(args.config, args.overrides)["model"], stored, ckpt).to_dict()
     else:
         model_keys = load_config(args.config, args.overrides)["model"]
     if model_keys.get("vocab_size") is None:
@@ -362,7 +367,5 @@ def _export_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str]) -> int:
-    """argv[0] is the command name (import-hf or export-hf), as trainer.cli passes it."""
-    if not argv or argv[0] not in ("import-hf", "export-hf"):
-        raise SystemExit("usage: python -m trainer {import-hf|export-hf} ...")
-    return _import_main(argv[1:]) if argv[0] == "import-hf" else _export_main(argv[1:])
+    """`python -m trainer export-hf ...` (argv[0] is the command name, as trainer.cli passes it)."""
+    return _export_main(argv[1:])

@@ -47,7 +47,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict, vocab_size: int | None = None) -> "ModelConfig":
-        d = dict(d)
+        """Keys set to None take the dataclass default (config `model.*: null`)."""
+        d = {k: v for k, v in d.items() if v is not None}
         if vocab_size is not None and d.get("vocab_size") is None:
             d["vocab_size"] = vocab_size
         if d.get("vocab_size") is None:

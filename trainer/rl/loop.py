@@ -9,6 +9,7 @@ uninterrupted run does.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -30,11 +31,13 @@ from trainer.data.tokenizer import TOKENIZER_FILES
 from trainer.cli import base_parser
 from trainer.config import ConfigError, load_config
 from trainer.io_utils import atomic_write_bytes, atomic_write_json, md5_file, setup_logging
+from trainer.model import resolve
 from trainer.model.qwen2 import ModelConfig, build_model
 from trainer.train.optim import build_optimizer
 from trainer.rl import advantage, reward, rollout, update, validate
 from trainer.runlog import RunLog
 from trainer.decode.trie import build_trie
+from trainer.eval.sharded_decode import global_trie
 
 log = logging.getLogger("trainer")
 CHECKPOINT_FILE = "sft_state_rl_last.msgpack"
@@ -43,8 +46,8 @@ CHECKPOINT_FILE = "sft_state_rl_last.msgpack"
 @dataclass(frozen=True)
 class RLInputs:
     """What process 0 reads (data, tokenizer, init checkpoint) and every process needs, as arrays."""
-    model_cfg: dict
-    params: dict
+    model_cfg: dict  # the init checkpoint's own model (trainer.model.resolve)
+    params: dict  # process 0's host arrays; what crosses to the others is only their template
     prompt_ids: np.ndarray
     prompt_mask: np.ndarray
     targets: np.ndarray  # catalog index of each prompt's target SID
@@ -77,11 +80,9 @@ def prepare_inputs(cfg: dict, data_dir: str) -> RLInputs:
     samples = tasks.rl_samples(cfg["rl"]["tasks"], data_dir, catalog, examples, int(cfg["seed"]))
     encoded = [tk.encode_prompt(tok, s.prompt, cfg["data"]["max_prompt_len"]) for s in samples]
     prompt_ids, prompt_mask = left_pad(encoded, tok.pad_token_id, bucketed_length(encoded))
-    mcfg = ModelConfig.from_dict(cfg["model"], vocab_size=len(tok))
-    template = nnx.state(build_model(mcfg, 0), nnx.Param).to_pure_dict()
-    params = checkpoint.load_params(cfg["init"]["checkpoint"], template)
+    mcfg, params = resolve.load_checkpoint(cfg["init"]["checkpoint"], cfg["model"], len(tok))
     return RLInputs(
-        model_cfg=mcfg.to_dict(), params=jax.device_get(params), prompt_ids=prompt_ids, prompt_mask=prompt_mask,
+        model_cfg=mcfg.to_dict(), params=params, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
         targets=np.array([catalog.sid_index[s.sid] for s in samples], np.int32),
         sid_table=tk.sid_token_table(tok, catalog.sids), newline_id=tk.newline_id(tok),
         eos_id=tok.eos_token_id, init_md5=md5_file(cfg["init"]["checkpoint"]), tokenizer_dir=str(tok_dir), num_sids=len(catalog.sids),
@@ -146,7 +147,9 @@ def make_step_fns(graphdef, tx, cfg: dict, mesh, state_shardings, sid_embeddings
 class Trainer:
     """The live state of one RL run on a mesh: params, optimizer, reference, trie and step functions."""
 
-    def __init__(self, cfg: dict, inputs: RLInputs):
+    def __init__(self, cfg: dict, inputs: RLInputs, host_params: dict | None):
+        """`inputs.params` holds the params' template; process 0 passes the arrays as `host_params`
+        and they reach every process one array at a time, straight into their sharding."""
         self.cfg, self.inputs = cfg, inputs
         self.b, self.g = int(cfg["rollout"]["batch_size"]), int(cfg["rollout"]["n"])
         self.updates = int(cfg["rl"]["updates_per_rollout"])
@@ -155,18 +158,19 @@ class Trainer:
             raise ConfigError(f"rollout.batch_size={self.b} exceeds the {n_prompts} training prompts; lower it")
         self.steps = total_steps(cfg, n_prompts)
         self.mesh = mesh = parallel.make_mesh(cfg["mesh"])
-        self.graphdef, _ = nnx.split(build_model(ModelConfig(**inputs.model_cfg), cfg["seed"]))
+        model_cfg = ModelConfig(**inputs.model_cfg)
+        self.graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(model_cfg, cfg["seed"])))  # no weights
         shardings = parallel.param_shardings(inputs.params, mesh)
-        self.params = parallel.place(inputs.params, shardings)
+        self.params = distributed.broadcast_arrays(host_params, inputs.params, shardings)
         # The frozen reference (the SFT best) exists only when the KL term uses it; the old-policy
         # log-probs only when more than one (off-policy) update follows a rollout.
         self.with_ref = update.needs_reference(cfg["rl"]["kl_coef"])
         self.with_old = update.needs_old_logprobs(self.updates)
-        self.ref_params = parallel.place(inputs.params, shardings) if self.with_ref else None
+        self.ref_params = jax.jit(lambda t: jax.tree.map(jnp.copy, t))(self.params) if self.with_ref else None
         tx, self.schedule, self.opt_desc = build_optimizer(cfg["train"]["optimizer"], self.steps * self.updates)
         self.opt_state = parallel.init_opt_state(tx, self.params, mesh)
         rep = parallel.replicated(mesh)
-        self.trie = jax.tree.map(lambda x: parallel.place(x, rep), build_trie(inputs.sid_table))
+        self.trie = global_trie(build_trie(inputs.sid_table), mesh)
         self.sid_table = parallel.place(inputs.sid_table, rep)
         state_shardings = (shardings, jax.tree.map(lambda x: x.sharding, self.opt_state))
         self.logprobs, self.update_step, self.score, self.build_sequences = make_step_fns(
@@ -180,8 +184,12 @@ class Trainer:
         """What the train state holds beside the params: a synced reference moves, so it goes too."""
         return {"opt": self.opt_state, "ref": self.ref_params} if self.sync_ref else self.opt_state
 
-    def restore(self, restored: dict) -> int:
-        self.params, extra, start, _ = train_state.restore(restored, self.params, self.saved_state())
+    def resume(self, state_path: Path) -> int:
+        """The step to start from: the saved state's, placed into this run's shardings, or 0."""
+        resumed = train_state.resume(state_path, self.params, self.saved_state())
+        if resumed is None:
+            return 0
+        self.params, extra, start, _ = resumed
         self.opt_state, self.ref_params = (extra["opt"], extra["ref"]) if self.sync_ref else (extra, self.ref_params)
         return start
 
@@ -232,10 +240,10 @@ class Trainer:
         return batch
 
     def validate(self) -> dict:
-        """Every process runs it: it gathers params and predictions."""
+        """Every process runs it: one SPMD decode with the sharded params, no gather of them."""
         t = time.time()
-        metrics = validate.evaluate(self.graphdef, self.params, self.inputs.valid, self.inputs.sid_table,
-                                    self.inputs.newline_id, self.inputs.eos_id, self.cfg["eval"])
+        metrics = validate.evaluate(self.graphdef, self.params, self.inputs.valid, self.trie, self.inputs.newline_id,
+                                    self.inputs.eos_id, self.cfg["eval"], self.mesh)
         self.timings["eval"] += time.time() - t
         return metrics
 
@@ -244,7 +252,7 @@ def write_outputs(out: Path, trainer: Trainer, host_params, start: int, elapsed:
                   runlog: RunLog) -> dict:
     """Process 0: the rl_last checkpoint, tokenizer files and run_summary.json (written last)."""
     cfg, inp = trainer.cfg, trainer.inputs
-    checkpoint.save_params(out / CHECKPOINT_FILE, host_params)
+    checkpoint.save_params(out / CHECKPOINT_FILE, host_params, inp.model_cfg)
     for name in TOKENIZER_FILES:
         src = Path(inp.tokenizer_dir) / name
         if src.exists():
@@ -252,8 +260,8 @@ def write_outputs(out: Path, trainer: Trainer, host_params, start: int, elapsed:
     summary = {
         "kind": "rl", "steps": trainer.steps, "resumed_from_step": start, "seconds": elapsed,
         "samples_per_s": (trainer.steps - start) * trainer.b * trainer.g / max(elapsed, 1e-9),
-        "phase_seconds": trainer.timings, "process_count": jax.process_count(), "device_count": jax.device_count(),
-        "backend": jax.default_backend(), "reference_model": trainer.with_ref, "old_logprob_pass": trainer.with_old,
+        "phase_seconds": trainer.timings, **distributed.device_info(), "model": inp.model_cfg,
+        "reference_model": trainer.with_ref, "old_logprob_pass": trainer.with_old,
         **parallel.describe(trainer.mesh, trainer.params), "init_checkpoint": cfg["init"]["checkpoint"],
         "init_checkpoint_md5": inp.init_md5, "optimizer": trainer.opt_desc, "num_sids": inp.num_sids,
         "train_prompts": len(inp.prompt_ids), "valid": valid_metrics, "curves": runlog.history(),
@@ -264,19 +272,29 @@ def write_outputs(out: Path, trainer: Trainer, host_params, start: int, elapsed:
     return summary
 
 
+def _inputs_on_every_process(cfg: dict, data_dir: str) -> tuple[RLInputs, dict | None]:
+    """(inputs with the params' template, process 0's host params or None): only small arrays are
+    pickled to the followers; the params follow in Trainer, array by array."""
+    kept = {}
+
+    def prepare():
+        inputs = prepare_inputs(cfg, data_dir)
+        kept["params"] = inputs.params
+        return dataclasses.replace(inputs, params=distributed.array_template(inputs.params))
+
+    return distributed.on_main(prepare), kept.get("params")
+
+
 def run(cfg: dict, data_dir: str) -> dict | None:
     out = Path(cfg["output_dir"])
     main_proc = distributed.is_main()
     rollout.check_mode(cfg["rollout"]["mode"])  # before any work, not at the first rollout
     if main_proc:  # first: a kill from here on must not leave an earlier run looking like this one
         train_state.retire_outputs(out, (CHECKPOINT_FILE, "metrics.jsonl", *TOKENIZER_FILES))
-    trainer = Trainer(cfg, distributed.on_main(prepare_inputs, cfg, data_dir))
+    trainer = Trainer(cfg, *_inputs_on_every_process(cfg, data_dir))
     state_path = train_state.state_path(out, cfg)
-    restored = distributed.on_main(
-        lambda: train_state.load(state_path, trainer.params, trainer.saved_state()) if state_path.exists() else None)
-    start = 0
-    if restored is not None:
-        start = trainer.restore(restored)
+    start = trainer.resume(state_path)
+    if start:
         log.info("resuming RL from step %d (%s)", start, state_path)
 
     steps = trainer.steps
@@ -299,7 +317,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
                 train_state.save(state_path, host_state)
 
     elapsed = time.time() - t_start
-    host_params = jax.tree.map(parallel.to_host, trainer.params)
+    host_params = checkpoint.host_tree_on_main(trainer.params)  # process 0 only; one array at a time
     if not main_proc:
         return None
     summary = write_outputs(out, trainer, host_params, start, elapsed, valid_metrics, runlog)

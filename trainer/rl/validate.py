@@ -1,19 +1,13 @@
 """In-training validation of the RL policy: HR@K / NDCG@K on a valid-split subset (`eval_every_steps`).
 
-Uses the evaluation decoder (constrained beam search, `eval.num_beams` beams) on host copies of
-the params. Every process decodes its own contiguous slice of the rows and the slices are
-all-gathered, so every process makes the same collective calls in the same order (the param
-gather, then the row gather) whichever process logs the result.
+Uses the evaluation decoder (constrained beam search, `eval.num_beams` beams) with the policy's
+own sharded params (trainer.eval.sharded_decode): every process runs the same global batches, so
+no process gathers the params, and every process gets the same metrics.
 """
 from __future__ import annotations
 
-import math
-
-import jax
-import numpy as np
 from flax import nnx
 
-from trainer.train import parallel
 from trainer.config import ConfigError
 
 DEFAULT_SAMPLES = 128  # valid rows when eval.max_samples is null: cheap enough to run often
@@ -42,21 +36,16 @@ def prepare(cfg: dict, data_dir: str, catalog, tok) -> dict | None:
             "pad_id": tok.pad_token_id}
 
 
-def evaluate(graphdef, params, valid: dict, sid_table: np.ndarray, newline_id: int, eos_id: int,
-             eval_cfg: dict) -> dict:
-    """Every process: {'valid/hr@K': ..., 'valid/ndcg@K': ...} for K <= eval.num_beams."""
-    from trainer.eval.evaluate import _gather_rows, build_records, predict_sid_rows
+def evaluate(graphdef, params, valid: dict, trie, newline_id: int, eos_id: int, eval_cfg: dict, mesh) -> dict:
+    """Every process: {'valid/hr@K': ..., 'valid/ndcg@K': ...} for K <= eval.num_beams.
+    `trie`: replicated over `mesh` (sharded_decode.global_trie)."""
+    from trainer.eval.evaluate import build_records
     from trainer.eval.metrics import compute_metrics
-    from trainer.decode.trie import build_trie
+    from trainer.eval.sharded_decode import predict_sid_rows_sharded
 
-    host = jax.tree.map(parallel.to_host, params)  # collective: every process holds all params
-    model = nnx.merge(graphdef, jax.device_put(host, jax.local_devices()[0]))
-    n, procs, rank = len(valid["prompts"]), jax.process_count(), jax.process_index()
-    per_process = math.ceil(n / procs)
-    mine = valid["prompts"][rank * per_process:(rank + 1) * per_process]
-    rows, _ = predict_sid_rows(model, mine, valid["pad_id"], build_trie(np.asarray(sid_table)),
-                               int(eval_cfg["num_beams"]), newline_id, eos_id, int(eval_cfg["batch_size"]))
-    rows = _gather_rows(rows.astype(np.int32), per_process)[:n]  # collective
+    rows = predict_sid_rows_sharded(nnx.merge(graphdef, params), valid["prompts"], valid["pad_id"], trie,
+                                    int(eval_cfg["num_beams"]), newline_id, eos_id, int(eval_cfg["batch_size"]), mesh)
+    n = len(valid["prompts"])
     records = build_records([""] * n, valid["targets"], rows, valid["sids"])
     metrics = compute_metrics(records, set(valid["sids"]))
     return {k.replace("eval/", "valid/"): v for k, v in metrics.items()

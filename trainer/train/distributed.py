@@ -8,9 +8,14 @@ Protocol (used by the TPU executor, see snakemake_executor_plugin_tpu):
   a follower waits for it and runs the same command with the same argv, in its own (possibly empty)
   directory. Only process 0 reads and writes files; followers receive inputs by broadcast.
 - On TPU VMs the coordinator may be left out: jax.distributed discovers the slice itself.
+- Small objects travel pickled (broadcast_object); weights never do: process 0 sends them one
+  array at a time straight into their target sharding (broadcast_arrays).
+- `TRAINER_EXPECT_BACKEND` (set by the executor for slices of real accelerators, e.g. `tpu`):
+  a job that finds another JAX backend stops instead of running on the host's CPU unnoticed.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -23,6 +28,7 @@ import numpy as np
 ARGV_KEY = "trainer/argv"
 ENV_COORD, ENV_NUM, ENV_ID = "TRAINER_COORDINATOR", "TRAINER_NUM_PROCESSES", "TRAINER_PROCESS_ID"
 ENV_TIMEOUT = "TRAINER_FOLLOWER_TIMEOUT_S"
+ENV_BACKEND, ENV_ACCELERATOR = "TRAINER_EXPECT_BACKEND", "TRAINER_ACCELERATOR"
 
 
 def env_int(name: str, default: int | None = None, minimum: int = 0) -> int:
@@ -68,6 +74,26 @@ def init_from_env() -> None:
             jax.distributed.initialize()
         log.info("backend=%s process=%d/%d", jax.default_backend(), jax.process_index(), jax.process_count())
     _initialized = True
+    check_backend()
+
+
+def check_backend() -> None:
+    """Stop when the slice's accelerator is missing (jax silently falls back to the CPU)."""
+    from trainer.errors import UserError
+
+    want = os.environ.get(ENV_BACKEND)
+    if want and jax.default_backend() != want:
+        where = os.environ.get(ENV_ACCELERATOR) or "this slice"
+        raise UserError(
+            f"{where} expects JAX backend '{want}' but JAX found '{jax.default_backend()}' (devices: "
+            f"{[d.device_kind for d in jax.devices()][:4]}): install the accelerator's jax build on the host "
+            f"(TPU: pip install '.[tpu]', which pins jax[tpu]) and check that no other process holds the chips")
+
+
+def device_info() -> dict:
+    """What every run_summary records about where it ran."""
+    return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+            "device_count": jax.device_count(), "process_count": jax.process_count()}
 
 
 def _process_id(num: int) -> int:
@@ -80,9 +106,16 @@ def _process_id(num: int) -> int:
 
 
 def start(argv: list[str]) -> None:
-    """Entry of every multi-process command: join the cluster; process 0 publishes its argv."""
+    """Entry of every multi-process command: join the cluster; process 0 publishes its argv.
+
+    Then every process waits at a key-value-store barrier: a follower imports the command's module
+    only after it gets the argv, which under load can take longer than the CPU collectives' fixed
+    30 s connect window that the first broadcast opens; the barrier has no such limit.
+    """
     init_from_env()
     publish_argv(argv)
+    if jax.process_count() > 1:
+        _kv_client().wait_at_barrier("trainer/started", env_int(ENV_TIMEOUT, 3600, 1) * 1000)
 
 
 def is_main() -> bool:
@@ -106,6 +139,66 @@ def broadcast_object(obj=None):
         buf[:] = payload
     buf = multihost_utils.broadcast_one_to_all(buf)
     return pickle.loads(np.asarray(buf).tobytes())
+
+
+@functools.lru_cache(maxsize=None)
+def _process_mesh():
+    from jax.sharding import Mesh
+    devices = np.array(jax.devices()).reshape(jax.process_count(), jax.local_device_count())
+    return Mesh(devices, ("processes", "local_devices"))
+
+
+@functools.lru_cache(maxsize=None)
+def _collect(sharding):
+    """[processes, ...] with process 0's data and zeros elsewhere -> its sum, laid out in `sharding`."""
+    import jax.numpy as jnp
+    return jax.jit(lambda a: jnp.sum(a, axis=0, dtype=a.dtype), out_shardings=sharding)
+
+
+def broadcast_arrays(tree, template, shardings):
+    """Process 0's host arrays `tree` (None elsewhere) as global arrays in `shardings`, on every process.
+
+    `template` (leaves with .shape/.dtype, e.g. ShapeDtypeStruct) gives the structure on every
+    process. One array crosses at a time and lands directly in its sharding, so a follower never
+    holds a host copy of the tree; its transient extra memory is one array per local device.
+    """
+    from jax.experimental import multihost_utils
+    from jax.sharding import PartitionSpec as P
+
+    from trainer.train import parallel
+
+    if jax.process_count() == 1:
+        return parallel.place(tree, shardings)
+    main = is_main()
+    mesh = _process_mesh()
+
+    def send(spec, sharding, x=None):
+        src = np.asarray(x) if main else np.zeros(spec.shape, spec.dtype)
+        if src.shape != tuple(spec.shape) or src.dtype != np.dtype(spec.dtype):
+            raise ValueError(f"array {src.shape} {src.dtype} does not match its template {spec.shape} {spec.dtype}")
+        staged = multihost_utils.host_local_array_to_global_array(src[None], mesh, P("processes"))
+        return _collect(sharding)(staged)
+
+    if main:
+        return jax.tree.map(lambda spec, s, x: send(spec, s, x), template, shardings, tree)
+    return jax.tree.map(send, template, shardings)
+
+
+def broadcast_to_local(tree, template):
+    """Process 0's host arrays `tree` on every process, as arrays on its first local device
+    (for per-process work such as evaluation's own slice of rows); sent one array at a time."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, jax.local_devices()[0])
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    rep = NamedSharding(_process_mesh(), P())
+    placed = broadcast_arrays(tree, template, jax.tree.map(lambda _: rep, template))
+    return jax.tree.map(lambda x: x.addressable_data(0), placed)
+
+
+def array_template(tree):
+    """Shapes and dtypes of a host tree: what followers need to receive it (small, picklable)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), tree)
 
 
 class _Failure:

@@ -31,13 +31,15 @@ from trainer.train import train_state
 from trainer.data.batching import left_pad
 from trainer.cli import base_parser
 from trainer.decode.beam import check_num_beams
-from trainer.eval.evaluate import build_records, predict_sid_rows
+from trainer.eval.evaluate import build_records
+from trainer.eval.sharded_decode import global_trie, predict_sid_rows_sharded
 from trainer.eval.metrics import TOPK, compute_metrics
 from trainer.decode.trie import build_trie
 from trainer.config import ConfigError, load_config
 from trainer.io_utils import atomic_copy, atomic_write_json, md5_file, setup_logging
 from trainer.train.losses import response_logprobs
-from trainer.model.qwen2 import ModelConfig, build_model
+from trainer.model import resolve
+from trainer.model.qwen2 import build_model
 from trainer.train.optim import build_optimizer
 from trainer.runlog import RunLog
 
@@ -178,16 +180,22 @@ def run(cfg: dict, data_dir: str) -> dict | None:
 
     bundle = distributed.on_main(prepare)
     tok = kept.get("tokenizer")
-    mcfg = ModelConfig.from_dict(cfg["model"], vocab_size=bundle["vocab_size"])
-    model = build_model(mcfg, cfg["seed"])
+    mesh = parallel.make_mesh(cfg["mesh"])
     init_ckpt = cfg["init"]["checkpoint"]
-    if init_ckpt:
-        params0 = distributed.on_main(checkpoint.load_params, init_ckpt, nnx.state(model, nnx.Param).to_pure_dict())
-        state = nnx.state(model, nnx.Param)
-        state.replace_by_pure_dict(params0)
-        nnx.update(model, state)
-    graphdef, state = nnx.split(model)
-    params = state.to_pure_dict()  # plain nested dicts: serialisable with the optimizer state
+    if init_ckpt:  # the checkpoint's own model; its params sent array by array, never pickled
+        def load_init():
+            mcfg, kept["params"] = resolve.load_checkpoint(init_ckpt, cfg["model"], bundle["vocab_size"])
+            return mcfg, distributed.array_template(kept["params"])
+
+        mcfg, template = distributed.on_main(load_init)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(mcfg, cfg["seed"])))
+        params = distributed.broadcast_arrays(kept.pop("params", None), template,
+                                              parallel.param_shardings(template, mesh))
+    else:
+        mcfg = resolve.from_settings(cfg["model"], bundle["vocab_size"])
+        graphdef, state = nnx.split(build_model(mcfg, cfg["seed"]))
+        params = state.to_pure_dict()  # plain nested dicts: serialisable with the optimizer state
+        params = parallel.place(jax.device_get(params), parallel.param_shardings(params, mesh))
 
     bs, n_train = int(sft["batch_size"]), len(bundle["train_ids"])
     steps, eval_every = resolve_schedule(sft, n_train)
@@ -198,19 +206,17 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     if beams is not None:  # valid/hr@K or valid/ndcg@K: K-beam constrained decoding of the valid prompts
         trie = build_trie(bundle["sid_table"])
         check_num_beams(trie, beams, key="sft.best_metric")
-    mesh = parallel.make_mesh(cfg["mesh"])
+        trie = global_trie(trie, mesh)
     parallel.check_divisible(bs, mesh, "sft.batch_size")
     tx, schedule, opt_desc = build_optimizer(cfg["train"]["optimizer"], steps)
-    params = parallel.place(jax.device_get(params), parallel.param_shardings(params, mesh))
     opt_state = parallel.init_opt_state(tx, params, mesh)
     train_step, eval_loss = make_steps(graphdef, tx, mesh)
 
     state_path = train_state.state_path(out, cfg)
     start, best, best_step = 0, None, None
-    restored = distributed.on_main(
-        lambda: train_state.load(state_path, params, opt_state, ("best", "best_step")) if state_path.exists() else None)
-    if restored is not None:
-        params, opt_state, start, extra = train_state.restore(restored, params, opt_state)
+    resumed = train_state.resume(state_path, params, opt_state, ("best", "best_step"))
+    if resumed is not None:
+        params, opt_state, start, extra = resumed
         if extra["best_step"] >= 0:
             best, best_step = extra["best"], int(extra["best_step"])
         log.info("resuming SFT from step %d (%s)", start, state_path)
@@ -232,20 +238,15 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         if done % eval_every == 0 or done == steps:
             metrics = {"train/loss": float(m["loss"]), "train/grad_norm": float(m["grad_norm"]),
                        "lr": float(schedule(step)), "valid/loss": _mean_eval_loss(eval_loss, params, valid, mesh)}
-            host_params = None
-            if beams is not None:
-                # Every process joins the gather; process 0 alone decodes and sends the numbers to all,
-                # so every process takes the same best/not-best branch below.
-                host_params = jax.tree.map(parallel.to_host, params)
-                metrics.update(distributed.on_main(
-                    _valid_ranking, graphdef, host_params, bundle, trie, beams, int(cfg["eval"]["batch_size"])))
+            if beams is not None:  # every process decodes the same global batches: same numbers everywhere
+                metrics.update(_valid_ranking(graphdef, params, bundle, trie, beams, int(cfg["eval"]["batch_size"]),
+                                              mesh))
             value = metrics[sft["best_metric"]]
             if best is None or (value > best if higher_is_better else value < best):
                 best, best_step = value, done
-                if host_params is None:
-                    host_params = jax.tree.map(parallel.to_host, params)
+                host_params = checkpoint.host_tree_on_main(params)  # process 0 only; one array at a time
                 if main_proc:
-                    checkpoint.save_params(best_path, host_params)
+                    checkpoint.save_params(best_path, host_params, mcfg.to_dict())
             runlog.log(done, metrics)
             log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             # EarlyStoppingCallback: stop after `patience` evaluations in a row without a new best
@@ -270,7 +271,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     summary = {
         "kind": "sft", "best_metric": sft["best_metric"], "best_value": best, "best_step": best_step,
         "steps": steps, "stopped_at": stopped_at, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
-        "process_count": jax.process_count(), "device_count": jax.device_count(), **layout,
+        **distributed.device_info(), **layout,
         "optimizer": opt_desc, "model": mcfg.to_dict(), "num_sids": bundle["num_sids"],
         "train_sequences": n_train, "curves": runlog.history(),
         "sft_best_md5": md5_file(out / "sft_best.msgpack"), "config": cfg,
@@ -281,11 +282,10 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     return summary
 
 
-def _valid_ranking(graphdef, host_params, bundle: dict, trie, beams: int, batch_size: int) -> dict:
-    """valid/hr@K and valid/ndcg@K of K-beam constrained decoding, on a model local to this process."""
-    model = nnx.merge(graphdef, jax.device_put(host_params, jax.local_devices()[0]))
-    rows, _ = predict_sid_rows(model, bundle["valid_prompts"], bundle["pad_id"], trie, beams,
-                               bundle["newline_id"], bundle["eos_id"], batch_size)
+def _valid_ranking(graphdef, params, bundle: dict, trie, beams: int, batch_size: int, mesh) -> dict:
+    """valid/hr@K and valid/ndcg@K of K-beam constrained decoding with the sharded params."""
+    rows = predict_sid_rows_sharded(nnx.merge(graphdef, params), bundle["valid_prompts"], bundle["pad_id"], trie,
+                                    beams, bundle["newline_id"], bundle["eos_id"], batch_size, mesh)
     sids = bundle["sids"]
     records = build_records([""] * len(rows), [sids[i] for i in bundle["valid_targets"]], rows, sids)
     m = compute_metrics(records, set(sids))

@@ -80,11 +80,12 @@ def batch_rows(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     return perm[pos * batch_size:(pos + 1) * batch_size]
 
 
-def to_host(params, opt_state, step: int, extra: dict | None = None) -> dict:
-    """Gather the state to host numpy arrays (every process must call it: it may all-gather)."""
+def to_host(params, opt_state, step: int, extra: dict | None = None) -> dict | None:
+    """The state as host numpy arrays on process 0, None elsewhere (every process must call it:
+    sharded arrays are gathered one at a time, see checkpoint.host_tree_on_main)."""
     extra = {k: np.float64(v) for k, v in (extra or {}).items()}
-    return {"params": jax.tree.map(parallel.to_host, params), "opt_state": jax.tree.map(parallel.to_host, opt_state),
-            "step": np.int64(step), "extra": extra}
+    host = checkpoint.host_tree_on_main({"params": params, "opt_state": opt_state})
+    return None if host is None else {**host, "step": np.int64(step), "extra": extra}
 
 
 def save(path: str | Path, host_state: dict) -> None:
@@ -99,8 +100,25 @@ def load(path: str | Path, params, opt_state, extra_keys: tuple[str, ...] = ()) 
     return checkpoint.load_train_state(path, template)
 
 
-def restore(host_state: dict, params, opt_state):
-    """Place a loaded host state with the shardings of the live params/opt_state."""
-    place = lambda ref, x: parallel.place(x, ref.sharding)
-    return (jax.tree.map(place, params, host_state["params"]), jax.tree.map(place, opt_state, host_state["opt_state"]),
-            int(host_state["step"]), {k: float(v) for k, v in host_state["extra"].items()})
+def resume(path: str | Path, params, opt_state, extra_keys: tuple[str, ...] = ()):
+    """Every process: (params, opt_state, step, extra) from the saved state at `path`, placed like
+    the live params/opt_state, or None when there is none. Process 0 reads the file; the arrays
+    reach the others one at a time (distributed.broadcast_arrays), never as a pickled tree."""
+    from trainer.train import distributed
+
+    kept = {}
+
+    def read():
+        if not Path(path).exists():
+            return None
+        host = load(path, params, opt_state, extra_keys)
+        kept["arrays"] = {"params": host["params"], "opt_state": host["opt_state"]}
+        return int(host["step"]), {k: float(v) for k, v in host["extra"].items()}
+
+    meta = distributed.on_main(read)
+    if meta is None:
+        return None
+    live = {"params": params, "opt_state": opt_state}
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), live)
+    arrays = distributed.broadcast_arrays(kept.get("arrays"), template, jax.tree.map(lambda x: x.sharding, live))
+    return arrays["params"], arrays["opt_state"], meta[0], meta[1]
