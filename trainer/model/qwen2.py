@@ -296,6 +296,10 @@ class Qwen2ForCausalLM(nnx.Module):
         """x -> step(layer, x, inputs_l) for each layer in turn; returns (x, stacked per-layer outputs)."""
         graphdef, state = nnx.split(self.layers)
 
+        # Rematerialised: a backward pass keeps only each layer's input and recomputes the rest,
+        # or the 28 layers' saved activations overflow a 32 GiB chip at the RL batch
+        # (bench/scale_plan.py: rl_update 43.8 GiB per chip without it). No-op without a backward.
+        @jax.checkpoint
         def body(carry, xs):
             layer_state, inputs = xs
             return step(nnx.merge(graphdef, layer_state), carry, inputs)
