@@ -108,14 +108,17 @@ def _process_id(num: int) -> int:
 def start(argv: list[str]) -> None:
     """Entry of every multi-process command: join the cluster; process 0 publishes its argv.
 
-    Then every process waits at a key-value-store barrier: a follower imports the command's module
-    only after it gets the argv, which under load can take longer than the CPU collectives' fixed
-    30 s connect window that the first broadcast opens; the barrier has no such limit.
+    Then every process waits at a key-value-store barrier and joins one tiny collective: a follower
+    imports the command's module only after it gets the argv, and process 0 may work alone for
+    minutes before its first broadcast (an import), either of which can exceed the fixed 30 s connect
+    window in which the CPU collectives (gloo) set up their connections. The barrier has no such
+    limit, and the collective right after it sets the connections up while every process is there.
     """
     init_from_env()
     publish_argv(argv)
     if jax.process_count() > 1:
         _kv_client().wait_at_barrier("trainer/started", env_int(ENV_TIMEOUT, 3600, 1) * 1000)
+        sync("trainer/started")
 
 
 def is_main() -> bool:
