@@ -7,6 +7,7 @@ Snakemake job, hosts 1..N-1 run the slice's follower command (`python -m trainer
 without the resource run as local subprocesses. See docs/executor.md.
 """
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -121,10 +122,15 @@ class Executor(RemoteExecutor):
         return self._git
 
     def job_slice(self, job: JobExecutorInterface) -> SliceSpec | None:
+        """The slice of a job; `resources: tpu_hosts=1` runs it on host 0 alone (no followers), e.g.
+        the checkpoint upload on the host that holds the checkpoint."""
         try:
-            return requested_slice(job.name, job.resources, self.slices)
+            spec = requested_slice(job.name, job.resources, self.slices)
         except SliceConfigError as e:
             raise WorkflowError(str(e)) from None
+        if spec is not None and str(job.resources.get("tpu_hosts", "")) == "1" and spec.hosts > 1:
+            spec = dataclasses.replace(spec, hosts=1)
+        return spec
 
     # ---------------------------------------------------------------- the job command
     # format_job_exec() calls these without the job; _job_spec carries the slice of the job being formatted.
@@ -200,12 +206,44 @@ class Executor(RemoteExecutor):
         from snakemake_executor_plugin_tpu.tpuvm_backend import SliceState, TpuVmBackend
 
         git = self._git_state() if spec.code_sync != "none" else GitState(".", "", "HEAD", [])
-        state = self._slice_states.setdefault(spec.slice_id, SliceState())
+        state = self._slice_states.setdefault(spec.slice_id, SliceState(self.slices[spec.slice_id].hosts))
         tag = f"sidrl-{self.run_id}-{job.name}-{job.jobid}"
-        return TpuVmBackend(label, spec, tag, command, git, state,
-                            bundle_dir=os.path.join(self.workflow.workdir_init, ".snakemake", "tpu", "bundles"),
+        command_log = os.path.join(self._tpu_dir(), "logs", f"{tag}.gcloud.log")
+        self.logger.info(f"tpu executor: {label}: gcloud commands go to {os.path.relpath(command_log)}")
+        return TpuVmBackend(label, spec, tag, command, git, state, bundle_dir=os.path.join(self._tpu_dir(), "bundles"),
                             inputs=[str(f) for f in job.input], outputs=[str(f) for f in job.output],
-                            log=self.logger.info)
+                            log=self.logger.info, command_log=command_log)
+
+    def _tpu_dir(self) -> str:
+        return os.path.join(self.workflow.workdir_init, ".snakemake", "tpu")
+
+    def shutdown(self):
+        super().shutdown()
+        self._delete_created_vms()
+
+    def _delete_created_vms(self) -> None:
+        """provision.delete_after: delete the VMs of the slices this run used, if this executor created
+        them (label created-by=sidrl-executor); a VM someone else created is never deleted."""
+        from snakemake_executor_plugin_tpu import lifecycle
+        from snakemake_executor_plugin_tpu.runner import JobFailure
+
+        for slice_id, state in self._slice_states.items():
+            spec = self.slices[slice_id]
+            if not (spec.provision and spec.provision.delete_after):
+                continue
+            label = f"slice '{slice_id}'"
+            cmds = lifecycle.CommandLog(os.path.join(self._tpu_dir(), "logs", f"sidrl-{self.run_id}-lifecycle.gcloud.log"))
+            try:
+                zone, info = lifecycle.find(cmds, spec, label)
+                if info is None:
+                    continue
+                if not lifecycle.created_here(info):
+                    self.logger.info(f"tpu executor: {label}: TPU VM {spec.name} in {zone} was not created by this "
+                                     "executor; delete_after leaves it running")
+                    continue
+                lifecycle.delete(cmds, spec, zone, label, lambda m: self.logger.info(f"tpu executor: {m}"))
+            except JobFailure as e:
+                self.logger.error(f"tpu executor: delete_after: {e} (see {cmds.path}); delete the VM by hand")
 
     async def check_active_jobs(self, active_jobs: List[SubmittedJobInfo]) -> AsyncGenerator[SubmittedJobInfo, None]:
         for job_info in active_jobs:
