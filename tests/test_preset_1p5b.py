@@ -18,7 +18,8 @@ pytestmark = pytest.mark.skipif(os.environ.get("SKIP_MULTIPROCESS") == "1", reas
 
 PRESET = REPO / "config/trainer/qwen2.5-1.5b"
 TINY = ("model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2", "model.num_heads=4",
-        "model.num_kv_heads=2")  # the shape of the rl_base SFT checkpoint
+        "model.num_kv_heads=2", "model.rope_theta=10000.0",
+        "model.max_position_embeddings=512")  # the rl_base SFT checkpoint's model (RL checks it)
 TIMEOUT_S = 600
 DONATION_FAILED = "donated buffers were not usable"  # JAX's warning when a donation is refused
 
