@@ -202,10 +202,42 @@ class Executor(RemoteExecutor):
         git = self._git_state() if spec.code_sync != "none" else GitState(".", "", "HEAD", [])
         state = self._slice_states.setdefault(spec.slice_id, SliceState())
         tag = f"sidrl-{self.run_id}-{job.name}-{job.jobid}"
-        return TpuVmBackend(label, spec, tag, command, git, state,
-                            bundle_dir=os.path.join(self.workflow.workdir_init, ".snakemake", "tpu", "bundles"),
+        command_log = os.path.join(self._tpu_dir(), "logs", f"{tag}.gcloud.log")
+        self.logger.info(f"tpu executor: {label}: gcloud commands go to {os.path.relpath(command_log)}")
+        return TpuVmBackend(label, spec, tag, command, git, state, bundle_dir=os.path.join(self._tpu_dir(), "bundles"),
                             inputs=[str(f) for f in job.input], outputs=[str(f) for f in job.output],
-                            log=self.logger.info)
+                            log=self.logger.info, command_log=command_log)
+
+    def _tpu_dir(self) -> str:
+        return os.path.join(self.workflow.workdir_init, ".snakemake", "tpu")
+
+    def shutdown(self):
+        super().shutdown()
+        self._delete_created_vms()
+
+    def _delete_created_vms(self) -> None:
+        """provision.delete_after: delete the VMs of the slices this run used, if this executor created
+        them (label created-by=sidrl-executor); a VM someone else created is never deleted."""
+        from snakemake_executor_plugin_tpu import lifecycle
+        from snakemake_executor_plugin_tpu.runner import JobFailure
+
+        for slice_id, state in self._slice_states.items():
+            spec = self.slices[slice_id]
+            if not (spec.provision and spec.provision.delete_after):
+                continue
+            label = f"slice '{slice_id}'"
+            cmds = lifecycle.CommandLog(os.path.join(self._tpu_dir(), "logs", f"sidrl-{self.run_id}-lifecycle.gcloud.log"))
+            try:
+                zone, info = lifecycle.find(cmds, spec, label)
+                if info is None:
+                    continue
+                if not lifecycle.created_here(info):
+                    self.logger.info(f"tpu executor: {label}: TPU VM {spec.name} in {zone} was not created by this "
+                                     "executor; delete_after leaves it running")
+                    continue
+                lifecycle.delete(cmds, spec, zone, label, lambda m: self.logger.info(f"tpu executor: {m}"))
+            except JobFailure as e:
+                self.logger.error(f"tpu executor: delete_after: {e} (see {cmds.path}); delete the VM by hand")
 
     async def check_active_jobs(self, active_jobs: List[SubmittedJobInfo]) -> AsyncGenerator[SubmittedJobInfo, None]:
         for job_info in active_jobs:

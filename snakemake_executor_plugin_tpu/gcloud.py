@@ -57,9 +57,33 @@ def describe_argv(name: str, zone: str, project: str | None = None, extra: Seque
     return [gcloud, *TPU_VM, "describe", name, *_location(zone, project), "--format=json", *extra]
 
 
+def create_argv(name: str, zone: str, accelerator: str, version: str, spot: bool = False,
+                project: str | None = None, labels: Mapping[str, str] = {}, extra: Sequence[str] = (),
+                gcloud: str = GCLOUD) -> list[str]:
+    """`gcloud compute tpus tpu-vm create` as the runbook types it (waits until the VM is created)."""
+    label = [f"--labels={','.join(f'{k}={v}' for k, v in labels.items())}"] if labels else []
+    return [gcloud, *TPU_VM, "create", name, *_location(zone, project), f"--accelerator-type={accelerator}",
+            f"--version={version}", *(["--spot"] if spot else []), *label, "--quiet", *extra]
+
+
+def delete_argv(name: str, zone: str, project: str | None = None, extra: Sequence[str] = (),
+                gcloud: str = GCLOUD) -> list[str]:
+    return [gcloud, *TPU_VM, "delete", name, *_location(zone, project), "--quiet", *extra]
+
+
+# environment variables whose values never appear in a log line
+SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.I)
+_EXPORT = re.compile(r"""(export ([A-Za-z_][A-Za-z0-9_]*)=)('[^']*'|"[^"]*"|[^\s;]+)""")
+
+
+def redact(text: str) -> str:
+    """`export NAME=value` with a secret-looking NAME -> `export NAME=***`."""
+    return _EXPORT.sub(lambda m: m.group(1) + "***" if SECRET_NAME.search(m.group(2)) else m.group(0), text)
+
+
 def display(argv: Sequence[str]) -> str:
-    """The command as a user would paste it into a shell."""
-    return shlex.join(argv)
+    """The command as a user would paste it into a shell (secret values masked)."""
+    return shlex.join(redact(a) for a in argv)
 
 
 # ---------------------------------------------------------------- remote bash scripts
@@ -92,11 +116,17 @@ def env_exports(env: Mapping[str, str]) -> str:
     return "; ".join(f"export {k}={shlex.quote(str(v))}" for k, v in env.items())
 
 
+# An env file as operators write it: CRLF line ends, blanks around lines and around `=` (a stray
+# `\r` in WANDB_API_KEY breaks the login). Normalised before it is sourced; never printed.
+NORMALISE_ENV = (r"sed -e 's/\r$//' -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "
+                 r"-e 's/^\(export[[:space:]]\{1,\}\)\{0,1\}\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*=[[:space:]]*/\2=/'")
+
+
 def source_env_file(env_file: str | None) -> str:
     if not env_file:
         return ""
     q = qpath(env_file)
-    return (f"if [ -f {q} ]; then set -a; . {q}; set +a; else "
+    return (f"if [ -f {q} ]; then set -a; eval \"$({NORMALISE_ENV} {q})\"; set +a; else "
             f"echo \"env_file {env_file} not found on this host; create it or drop env_file\" >&2; exit 4; fi")
 
 

@@ -21,6 +21,10 @@ class JobFailure(Exception):
     """A job failed for a reason the user can act on; the message says which worker and why."""
 
 
+class Preempted(Exception):
+    """The job's TPU VM was preempted or is gone; the backend may recreate it and rerun the job."""
+
+
 class Backend(Protocol):
     """How a job's hosts are started and watched (local processes or TPU VM hosts)."""
 
@@ -96,7 +100,7 @@ class JobRun:
 
     def _run(self) -> None:
         try:
-            self._finish(self._watch())
+            self._finish(self._watch_surviving_preemptions())
         except JobFailure as e:
             self._finish(Outcome(False, str(e)))
         except Exception as e:  # a bug or an unexpected host error must fail the job, not hang it
@@ -113,6 +117,21 @@ class JobRun:
             parts.append(f"--- worker {w} log ({self.backend.log_location(w)}), last {TAIL_LINES} lines ---\n"
                          f"{text.rstrip()}")
         return "\n".join(parts)
+
+    def _watch_surviving_preemptions(self) -> Outcome:
+        """Run the job; when its VM is preempted, let the backend recreate it and run it again."""
+        attempt = 0
+        while True:
+            try:
+                return self._watch()
+            except Preempted as e:
+                attempt += 1
+                limit = getattr(self.backend, "max_recreate", 0)
+                if attempt > limit or self._cancel.is_set():
+                    raise JobFailure(f"{self.label}: {e}" + (f" ({limit} recreation(s) already)" if limit else
+                                     "; add `provision:` to the slice to have the executor recreate it")) from None
+                self.log(f"{self.label}: {e}; recreating it and running the job again ({attempt}/{limit})")
+                self.backend.after_preemption()
 
     def _watch(self) -> Outcome:
         if self._cancel.is_set():

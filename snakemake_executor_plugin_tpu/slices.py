@@ -26,6 +26,20 @@ class SliceConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class Provision:
+    """`provision:` of a tpu-vm slice: the executor creates the VM when missing (see lifecycle.py)."""
+
+    zones: tuple[str, ...]  # tried in order on capacity / quota / reservation errors
+    runtime_version: str  # gcloud --version, e.g. v2-alpha-tpuv6e
+    accelerator: str  # gcloud --accelerator-type (default: the slice's accelerator)
+    spot: bool = False
+    delete_after: bool = False  # delete the VM when the workflow ends, if this executor created it
+    max_recreate: int = 3  # preemptions survived per job before it fails
+    env_file: str | None = None  # local file copied to the slice's env_file path on a VM it creates
+    wait_ready_s: float = 900  # how long a VM may stay CREATING/STARTING/... before giving up
+
+
+@dataclass(frozen=True)
 class SliceSpec:
     slice_id: str  # the key under `slices:` (what rules name in `resources: tpu=...`)
     accelerator: str
@@ -49,6 +63,7 @@ class SliceSpec:
     transfer_files: bool = False  # tpu-vm without a shared storage: scp inputs to / outputs from host 0
     gcloud_args: tuple[str, ...] = ()  # extra args for every gcloud call, e.g. [--tunnel-through-iap]
     env: Mapping[str, str] = field(default_factory=dict)  # extra environment on every host
+    provision: Provision | None = None  # tpu-vm: create the VM when missing, recreate when preempted
 
     @property
     def python_exe(self) -> str:
@@ -69,7 +84,10 @@ class SliceSpec:
         """One line for logs and dry-run messages: where the job runs."""
         hosts = f"{self.hosts} host" + ("s" if self.hosts != 1 else "")
         if self.backend == "tpu-vm":
-            where = f"TPU VM {self.name} in {self.zone}" + (f" (project {self.project})" if self.project else "")
+            zone = self.zone or "|".join(self.provision.zones)
+            where = f"TPU VM {self.name} in {zone}" + (f" (project {self.project})" if self.project else "")
+            if self.provision:
+                where += " (created when missing" + (", spot" if self.provision.spot else "") + ")"
         else:
             where = "local processes"
         return f"slice '{self.slice_id}': {self.accelerator}, {hosts}, {where}"
@@ -115,8 +133,14 @@ def parse_slice(slice_id: str, raw: Mapping[str, Any], source: str) -> SliceSpec
     backend = vals.get("backend", "local")
     if backend not in BACKENDS:
         raise SliceConfigError(f"{where}.backend: unknown '{backend}'; valid: {', '.join(BACKENDS)}")
+    if vals.get("provision") is not None:
+        if backend != "tpu-vm":
+            raise SliceConfigError(f"{where}.provision: only for backend tpu-vm")
+        vals["provision"] = parse_provision(vals["provision"], str(vals["accelerator"]), f"{where}.provision")
     if backend == "tpu-vm":
         for key in ("name", "zone"):
+            if key == "zone" and vals.get("provision"):
+                continue  # found in, or created in, one of provision.zones
             if not vals.get(key):
                 raise SliceConfigError(f"{where}.{key}: required for backend tpu-vm (the TPU VM's {key})")
     if vals.get("code_sync", "bundle") not in CODE_SYNC:
@@ -133,6 +157,35 @@ def parse_slice(slice_id: str, raw: Mapping[str, Any], source: str) -> SliceSpec
         if vals.get(key) is not None:
             vals[key] = str(vals[key])
     return SliceSpec(slice_id=str(slice_id), **vals)
+
+
+_PROVISION = {f.name for f in fields(Provision)}
+
+
+def parse_provision(raw: Any, accelerator: str, where: str) -> Provision:
+    if not isinstance(raw, Mapping):
+        raise SliceConfigError(f"{where}: expected a mapping (zones, runtime_version, spot, accelerator, delete_after)")
+    unknown = sorted(set(raw) - _PROVISION)
+    if unknown:
+        raise SliceConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(_PROVISION))}")
+    zones = raw.get("zones")
+    if isinstance(zones, str):
+        zones = [zones]
+    if not zones or not all(isinstance(z, str) and z for z in zones):
+        raise SliceConfigError(f"{where}.zones: a list of zones to try in order, e.g. [us-east5-b, europe-west4-a]")
+    if not raw.get("runtime_version"):
+        raise SliceConfigError(f"{where}.runtime_version: required (gcloud --version, e.g. v2-alpha-tpuv6e)")
+    for key in ("spot", "delete_after"):
+        if key in raw and not isinstance(raw[key], bool):
+            raise SliceConfigError(f"{where}.{key}: expected true or false, got {raw[key]!r}")
+    try:
+        max_recreate, wait_ready_s = int(raw.get("max_recreate", 3)), float(raw.get("wait_ready_s", 900))
+    except (TypeError, ValueError) as e:
+        raise SliceConfigError(f"{where}: {e}; max_recreate must be an integer, wait_ready_s a number") from None
+    return Provision(zones=tuple(zones), runtime_version=str(raw["runtime_version"]),
+                     accelerator=str(raw.get("accelerator") or accelerator), spot=bool(raw.get("spot", False)),
+                     delete_after=bool(raw.get("delete_after", False)), max_recreate=max_recreate,
+                     env_file=str(raw["env_file"]) if raw.get("env_file") else None, wait_ready_s=wait_ready_s)
 
 
 def parse_slices(raw: Any, source: str) -> dict[str, SliceSpec]:

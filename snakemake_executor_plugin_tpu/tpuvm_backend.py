@@ -3,7 +3,9 @@
 What the operators' runbook does by hand, per job: sync each host's checkout to the local commit
 (git bundle over scp, or git fetch), source the env file, run the setup command once per commit,
 optionally free a busy TPU, start every worker with nohup (log + exit-code file under logs/), poll
-the exit files, stop every worker of the job on failure or cancel.
+the exit files, stop every worker of the job on failure or cancel. With `provision:` the VM is
+found or created first (lifecycle.py), and a preempted VM is recreated and the job run again.
+Every gcloud command goes to the job's command log.
 """
 from __future__ import annotations
 
@@ -16,8 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 from snakemake_executor_plugin_tpu import gcloud as gc
+from snakemake_executor_plugin_tpu import lifecycle
 from snakemake_executor_plugin_tpu.gitsync import GitState, make_bundle
-from snakemake_executor_plugin_tpu.runner import JobFailure
+from snakemake_executor_plugin_tpu.runner import JobFailure, Preempted
 from snakemake_executor_plugin_tpu.slices import SliceSpec
 
 SSH_TIMEOUT_S = 300  # a setup command (pip install) runs inside one ssh call
@@ -35,12 +38,22 @@ class SliceState:
         self.lock = threading.Lock()
         self.synced: set[str] = set()  # commits every host already has
         self.coordinator_ip: str | None = None
+        self.zone: str | None = None  # where the VM is (provision: found or created there)
+        self.ready = False  # provision: the VM was found READY or created during this run
+        self.created: str | None = None  # zone of a VM this run created
+
+    def forget_vm(self) -> None:
+        """After a preemption: the next job finds (or creates) the VM and syncs it again."""
+        with self.lock:
+            self.ready = False
+            self.synced.clear()
+            self.coordinator_ip = None
 
 
 class TpuVmBackend:
     def __init__(self, label: str, spec: SliceSpec, tag: str, host0_command: str, git: GitState,
                  state: SliceState, bundle_dir: str, inputs: Sequence[str] = (), outputs: Sequence[str] = (),
-                 log: Callable[[str], None] = print, gcloud: str = "gcloud"):
+                 log: Callable[[str], None] = print, gcloud: str = "gcloud", command_log: str | None = None):
         self.label = label
         self.spec = spec
         self.tag = tag
@@ -57,19 +70,21 @@ class TpuVmBackend:
         self.poll_errors = [0] * self.hosts
         self.last_error = [""] * self.hosts
         self.coordinator: str | None = None
+        self.commands = lifecycle.CommandLog(command_log or os.path.join(bundle_dir, "..", "logs", f"{tag}.gcloud.log"),
+                                             gcloud)
+        self.max_recreate = spec.provision.max_recreate if spec.provision else 0
 
     # ------------------------------------------------------------------ gcloud plumbing
+    @property
+    def zone(self) -> str:
+        return self.state.zone or self.spec.zone
+
     def _loc(self) -> dict:
-        return dict(name=self.spec.name, zone=self.spec.zone, project=self.spec.project,
+        return dict(name=self.spec.name, zone=self.zone, project=self.spec.project,
                     extra=self.spec.gcloud_args, gcloud=self.gcloud)
 
     def _run(self, argv: list[str], timeout: float = SSH_TIMEOUT_S) -> subprocess.CompletedProcess:
-        try:
-            return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            return subprocess.CompletedProcess(argv, 124, "", f"timed out after {timeout:g} s")
-        except FileNotFoundError:
-            raise JobFailure(f"{self.label}: `{self.gcloud}` not found on PATH; install the Google Cloud SDK") from None
+        return self.commands.run(argv, timeout, self.label)
 
     def ssh(self, worker: int, script: str, timeout: float = SSH_TIMEOUT_S) -> subprocess.CompletedProcess:
         return self._run(gc.ssh_argv(worker=worker, command=script, **self._loc()), timeout)
@@ -94,9 +109,46 @@ class TpuVmBackend:
     def log_location(self, worker: int) -> str:
         return f"{self.spec.name} worker {worker}:{gc.join_path(self.rundir, gc.worker_files(self.tag, worker))}.log"
 
+    def _ensure_vm(self) -> None:
+        """provision: a READY VM (found, or created now in the first zone with room)."""
+        sp = self.spec
+        with self.state.lock:
+            if self.state.ready:
+                return
+            zone, created = lifecycle.ensure(self.commands, sp, self.label, self.log)
+            self.state.zone, self.state.ready = zone, True
+            if created:
+                self.state.created = zone
+                self.state.synced.clear()
+                self.state.coordinator_ip = None
+        if created and sp.provision.env_file and sp.env_file:
+            self._copy_env_file()
+
+    def _copy_env_file(self) -> None:
+        """A new VM has no env file: copy the local one (provision.env_file) to slice.env_file on every host."""
+        local = os.path.expanduser(self.spec.provision.env_file)
+        if not os.path.isfile(local):
+            raise JobFailure(f"{self.label}: provision.env_file {local} not found on this machine")
+        dest = gc.home_relative(self.spec.env_file)
+        self._must("copying the env file", self._each(
+            lambda w: self._run(gc.scp_to_argv(local, dest, worker=w, **self._loc()))))
+
+    def after_preemption(self) -> None:
+        self.state.forget_vm()
+        self.poll_errors = [0] * self.hosts
+
+    def _check_preempted(self) -> None:
+        """Raise Preempted when the VM is PREEMPTED/TERMINATED or gone (ssh failures are often just that)."""
+        gone = lifecycle.gone_state(self.commands, self.spec, self.zone, self.label)
+        if gone is not None:
+            what = "no longer exists" if gone == "NOT_FOUND" else f"is {gone}"
+            raise Preempted(f"TPU VM {self.spec.name} in {self.zone} {what}")
+
     def prepare(self) -> None:
         sp, sha = self.spec, self.git.sha
         bundle_name = None
+        if sp.provision:
+            self._ensure_vm()
         with self.state.lock:
             need_sync = sp.code_sync == "bundle" and sha not in self.state.synced
         if need_sync:
@@ -163,10 +215,13 @@ class TpuVmBackend:
             self._must("starting the worker", results)
 
     def poll(self) -> list[tuple[str, int | None]]:
+        unreachable = threading.Event()
+
         def poll_one(w: int):
             r = self.ssh(w, gc.poll_script(self.rundir, self.tag, w), 120)
             try:
                 if r.returncode != 0:
+                    unreachable.set()
                     raise ValueError(_tail(r.stderr + r.stdout, 5))
                 state = gc.parse_state(r.stdout)
                 self.poll_errors[w] = 0
@@ -179,7 +234,10 @@ class TpuVmBackend:
                     return ("lost", None)
                 return ("running", None)
 
-        return self._each(poll_one)
+        states = self._each(poll_one)
+        if unreachable.is_set() or any(st == "lost" for st, _ in states):
+            self._check_preempted()
+        return states
 
     def kill(self, workers: list[int]) -> None:
         self._each(lambda w: self.ssh(w, gc.kill_script(self.rundir, self.tag, w), 120), workers)

@@ -1,5 +1,6 @@
 """Unit tests of the TPU executor's pure parts: slice config, gcloud command lines, host scripts."""
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -9,7 +10,7 @@ import pytest
 from snakemake_executor_plugin_tpu import gcloud as gc
 from snakemake_executor_plugin_tpu.runner import JobRun, SlicePool
 from snakemake_executor_plugin_tpu.slices import (
-    SliceConfigError, load_slices_file, parse_slices, placement, requested_slice,
+    SliceConfigError, load_slices_file, parse_slice, parse_slices, placement, requested_slice,
 )
 
 TRAIN = {"accelerator": "v6e-16", "hosts": 4, "backend": "tpu-vm", "name": "my-tpu", "zone": "us-east5-b"}
@@ -123,7 +124,7 @@ def test_prepare_script_contents():
                           busy_cleanup=True)
     assert "rm -f /tmp/libtpu_lockfile" in s and "fuser -k /dev/vfio/*" in s
     assert f"git checkout -q --detach {'a' * 40}" in s and 'git fetch -q "$B" HEAD' in s
-    assert ".sidrl_setup_" + "a" * 40 in s and "set -a; . /root/.env; set +a" in s
+    assert ".sidrl_setup_" + "a" * 40 in s and f"set -a; eval \"$({gc.NORMALISE_ENV} /root/.env)\"; set +a" in s
     assert "rm -f /tmp/libtpu_lockfile" not in gc.prepare_script("w", "b" * 40, "none")
     assert "git" not in gc.prepare_script("w", "b" * 40, "none")
 
@@ -238,3 +239,36 @@ def test_dirty_tree_is_refused_unless_allowed():
     with pytest.raises(SliceConfigError, match=r"uncommitted changes \(Snakefile, trainer/rl/loop.py\)"):
         check_clean(dirty, allow_dirty=False)
     assert "are NOT shipped; TPU VM hosts run commit aaaaaaaaaaaa" in check_clean(dirty, allow_dirty=True)
+
+
+def test_env_file_is_normalised_before_it_is_sourced(tmp_path):
+    """CRLF, blanks around lines and around `=` (as operators' env files come) do not reach the values."""
+    env = tmp_path / "env"
+    env.write_bytes(b"  WANDB_API_KEY = k-123  \r\nexport  A=1\r\n\r\n# note\r\nB='x y'\r\n")
+    out = subprocess.run(["bash", "-c", gc.source_env_file(str(env)) + '; printf "%s|%s|%s" "$WANDB_API_KEY" "$A" "$B"'],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == "k-123|1|x y", out.stderr
+
+
+def test_secret_values_are_masked_in_displayed_commands():
+    argv = gc.ssh_argv("tpu", "z", 0, "export WANDB_API_KEY='s 1'; export HF_TOKEN=t2; export SEED=3; run")
+    shown = gc.display(argv)
+    assert "s 1" not in shown and "t2" not in shown and "export SEED=3" in shown
+    assert "export WANDB_API_KEY=***" in shown and "export HF_TOKEN=***" in shown
+
+
+def test_provision_config_is_validated():
+    spec = parse_slice("t", {"accelerator": "v6e-8", "hosts": 1, "backend": "tpu-vm", "name": "n",
+                             "provision": {"zones": ["a-1", "b-2"], "runtime_version": "v2-alpha-tpuv6e", "spot": True}},
+                       "cfg")
+    assert spec.provision.zones == ("a-1", "b-2") and spec.provision.accelerator == "v6e-8" and spec.zone is None
+    assert "TPU VM n in a-1|b-2 (created when missing, spot)" in spec.describe()
+    bad = [({"zones": []}, "provision.zones"), ({"zones": ["a"]}, "provision.runtime_version"),
+           ({"zones": ["a"], "runtime_version": "v", "spot": "yes"}, "provision.spot"),
+           ({"zones": ["a"], "runtime_version": "v", "zone": "a"}, "unknown key(s) zone")]
+    for raw, msg in bad:
+        with pytest.raises(SliceConfigError, match=re.escape(msg)):
+            parse_slice("t", {"accelerator": "v6e-8", "hosts": 1, "backend": "tpu-vm", "name": "n", "provision": raw},
+                        "cfg")
+    with pytest.raises(SliceConfigError, match="only for backend tpu-vm"):
+        parse_slice("t", {"accelerator": "v", "hosts": 1, "provision": {"zones": ["a"], "runtime_version": "v"}}, "cfg")
