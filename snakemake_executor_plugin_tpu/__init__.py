@@ -7,6 +7,7 @@ Snakemake job, hosts 1..N-1 run the slice's follower command (`python -m trainer
 without the resource run as local subprocesses. See docs/executor.md.
 """
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -121,10 +122,15 @@ class Executor(RemoteExecutor):
         return self._git
 
     def job_slice(self, job: JobExecutorInterface) -> SliceSpec | None:
+        """The slice of a job; `resources: tpu_hosts=1` runs it on host 0 alone (no followers), e.g.
+        the checkpoint upload on the host that holds the checkpoint."""
         try:
-            return requested_slice(job.name, job.resources, self.slices)
+            spec = requested_slice(job.name, job.resources, self.slices)
         except SliceConfigError as e:
             raise WorkflowError(str(e)) from None
+        if spec is not None and str(job.resources.get("tpu_hosts", "")) == "1" and spec.hosts > 1:
+            spec = dataclasses.replace(spec, hosts=1)
+        return spec
 
     # ---------------------------------------------------------------- the job command
     # format_job_exec() calls these without the job; _job_spec carries the slice of the job being formatted.
@@ -200,7 +206,7 @@ class Executor(RemoteExecutor):
         from snakemake_executor_plugin_tpu.tpuvm_backend import SliceState, TpuVmBackend
 
         git = self._git_state() if spec.code_sync != "none" else GitState(".", "", "HEAD", [])
-        state = self._slice_states.setdefault(spec.slice_id, SliceState())
+        state = self._slice_states.setdefault(spec.slice_id, SliceState(self.slices[spec.slice_id].hosts))
         tag = f"sidrl-{self.run_id}-{job.name}-{job.jobid}"
         command_log = os.path.join(self._tpu_dir(), "logs", f"{tag}.gcloud.log")
         self.logger.info(f"tpu executor: {label}: gcloud commands go to {os.path.relpath(command_log)}")

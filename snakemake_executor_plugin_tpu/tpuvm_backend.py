@@ -34,8 +34,9 @@ def _tail(text: str, n: int = 20) -> str:
 class SliceState:
     """What the executor learned about a TPU VM during this run (shared by its jobs)."""
 
-    def __init__(self):
+    def __init__(self, hosts: int = 0):
         self.lock = threading.Lock()
+        self.hosts = hosts  # of the whole slice (a `tpu_hosts=1` job prepares host 0 only)
         self.synced: set[str] = set()  # commits every host already has
         self.coordinator_ip: str | None = None
         self.zone: str | None = None  # where the VM is (provision: found or created there)
@@ -165,8 +166,9 @@ class TpuVmBackend:
         script = gc.prepare_script(sp.workdir, sha, sp.code_sync, bundle_name, sp.env_file, sp.setup_command,
                                    sp.busy_cleanup)
         self._must("preparing the host (code sync, setup)", self._each(lambda w: self.ssh(w, script)))
-        with self.state.lock:
-            self.state.synced.add(sha)
+        if self.hosts >= self.state.hosts:
+            with self.state.lock:
+                self.state.synced.add(sha)
         self.coordinator = self._coordinator()
         if sp.transfer_files and self.inputs:
             self._push_inputs()
@@ -198,7 +200,8 @@ class TpuVmBackend:
     def worker_env(self, worker: int) -> dict[str, str]:
         from snakemake_executor_plugin_tpu.local_backend import trainer_env
 
-        env = {"SIDRL_JOB_TAG": self.tag, "SIDRL_SLICE": self.spec.slice_id}
+        env = {"SIDRL_JOB_TAG": self.tag, "SIDRL_SLICE": self.spec.slice_id, "SIDRL_TPU_NAME": self.spec.name,
+               "SIDRL_TPU_ZONE": self.zone, "SIDRL_WORKER": str(worker)}
         env.update(self.spec.env)
         return trainer_env(self.coordinator, self.hosts, worker, env)
 
