@@ -155,7 +155,7 @@ def test_tpuvm_wrong_zone_names_the_step_and_gcloud_error(tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode != 0
     assert "checking the code version failed on TPU VM fake-tpu worker(s) 0, 1" in out
-    assert "not found in zone europe-west4-a" in out
+    assert "NOT_FOUND: Resource 'projects/fake-project/locations/europe-west4-a/nodes/fake-tpu' was not found" in out
 
 
 def test_tpuvm_cancel_kills_every_worker(tmp_path):
