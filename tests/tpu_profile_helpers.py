@@ -84,7 +84,9 @@ def make_fake_tpu(root: Path, name: str, zone: str, hosts: int, accelerator: str
     for w in range(hosts):
         home = root / name / f"worker{w}"
         home.mkdir()
-        (home / ".env").write_bytes("".join(f"{k} = {v}  \r\n" for k, v in env_file.items()).encode())
+        # the host imports its checkout's code, as `pip install -e .` there would (not this machine's install)
+        env = dict(env_file, PYTHONPATH=str(home / "sidrl"))
+        (home / ".env").write_bytes("".join(f"{k} = {v}  \r\n" for k, v in env.items()).encode())
 
 
 def slices_overlay(handoff_uri: str, coordinator_port: int, train_state_uri: str) -> str:
