@@ -85,12 +85,12 @@ def test_tpu_profile_runs_demo_metrics_offline(tmp_path, gcs_emulator, gcs_clien
                  "results/demo/sft/run_summary.json", "results/demo/plots/rl_curves.png"):
         assert name in objects, f"{name} not in {storage}: {sorted(objects)}"
     # ... and none on the machine running Snakemake: no artifact directories, and in its storage cache
-    # (kept: --keep-storage-local-copies) only small JSON, CSV, text and plots, never a checkpoint byte
+    # (kept: --keep-storage-local-copies) only small JSON, CSV, text, logs and plots, never a checkpoint byte
     assert not [d for d in ("data", "runs", "results", "handoff", "workdir") if (checkout / d).exists()]
     assert h.files_named(checkout, CHECKPOINTS) == [] and not list(checkout.rglob("*.msgpack"))
     cached = [p for p in (checkout / ".snakemake/storage").rglob("*") if p.is_file()]
     assert any(p.name == "gcs_copy.json" for p in cached)  # the receipt did come here, for metrics
-    assert {p.suffix for p in cached} <= {".json", ".jsonl", ".csv", ".txt", ".png"}, sorted(map(str, cached))
+    assert {p.suffix for p in cached} <= {".json", ".jsonl", ".csv", ".txt", ".png", ".log", ".tsv"}, cached
     assert max(p.stat().st_size for p in cached) < 2 << 20
 
     # the handoff ran on the hosts: gcs_copy on the train slice's host 0, eval_copy on the eval host
