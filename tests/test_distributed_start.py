@@ -36,9 +36,9 @@ def test_follower_names_the_host_that_never_joined(tmp_path):
     addr = f"127.0.0.1:{free_port()}"
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "trainer", "follow"], cwd=tmp_path,
-                       env=_cluster_env(addr, 1, TRAINER_INIT_TIMEOUT_S="3"), capture_output=True, text=True,
+                       env=_cluster_env(addr, 1, TRAINER_FOLLOWER_TIMEOUT_S="3"), capture_output=True, text=True,
                        timeout=300)
     assert r.returncode != 0 and time.monotonic() - t0 < 120
     assert (f"process 1: host 0 (process 0, the jax.distributed coordinator at {addr}) never joined: nothing "
             "listened there for 3 s") in r.stderr
-    assert "TRAINER_INIT_TIMEOUT_S" in r.stderr and "Traceback" not in r.stderr
+    assert "TRAINER_FOLLOWER_TIMEOUT_S" in r.stderr and "Traceback" not in r.stderr
