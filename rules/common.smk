@@ -44,8 +44,17 @@ def trainer_args(stage):
     override change reruns that stage)."""
     def args(w):
         files = [a for f in stage_configs(config, w.ds, stage) for a in ("--config", f)]
-        return files + [a for o in config["overrides"].get(stage, []) for a in ("--set", o)]
+        return files + durable_state(stage, w) + [a for o in config["overrides"].get(stage, []) for a in ("--set", o)]
     return args
+
+
+def durable_state(stage, w):
+    """Training keeps its resumable state under train_state.uri (GCS in the TPU profile, so a rerun on
+    a new VM resumes); null: the run directory."""
+    uri = (config.get("train_state") or {}).get("uri")
+    if not uri or stage not in ("sft", "rl"):
+        return []
+    return ["--set", f"train.checkpoint.dir={uri.rstrip('/')}/{w.ds}/{stage}"]
 
 
 def parent(path):

@@ -1,9 +1,12 @@
 EVAL_COPY_FILES = ["sft_state_rl_last.msgpack", *TOKENIZER_FILES]
 
 
+# Where the handoff runs is configuration: handoff.upload_on / download_on name a slice (the TPU
+# profile: the train slice's host 0, which has the checkpoint, and the eval host), so the checkpoint
+# never passes through the machine running Snakemake; null runs them here (the offline default).
 rule gcs_copy:
     message:
-        where("gcs_copy")
+        where("gcs_copy", config["handoff"].get("upload_on"))
     input:
         expand("runs/{{ds}}/rl/{name}", name=RL_FILES),
     output:
@@ -13,6 +16,9 @@ rule gcs_copy:
         emulator_root=config["handoff"].get("emulator_root"),
         overwrite=bool(config["handoff"].get("overwrite")),
         workers=config["handoff"].get("workers", 4),
+    resources:
+        tpu=config["handoff"].get("upload_on") or "none",
+        tpu_hosts=1,  # host 0 alone: an upload, not a jax.distributed program
     log:
         "logs/gcs_copy/{ds}.log",
     benchmark:
@@ -28,7 +34,7 @@ rule gcs_copy:
 # newer than the evaluation, so evaluate reruns and refuses it (it checks the copy against the receipt).
 rule eval_copy:
     message:
-        where("eval_copy")
+        where("eval_copy", config["handoff"].get("download_on"))
     input:
         receipt=rules.gcs_copy.output.receipt,
     output:
@@ -37,6 +43,9 @@ rule eval_copy:
         names=EVAL_COPY_FILES,
         dest=lambda w, output: parent(output[0]),
         emulator_root=config["handoff"].get("emulator_root"),
+    resources:
+        tpu=config["handoff"].get("download_on") or "none",
+        tpu_hosts=1,
     log:
         "logs/eval_copy/{ds}.log",
     benchmark:

@@ -13,7 +13,6 @@ rule metrics:
         rl_run="runs/{ds}/rl/run_summary.json",
         sft_run="runs/{ds}/sft/run_summary.json",
         rl_curves=rules.rl_train.output.curves,
-        eval_copy="workdir/checkpoints/{ds}/sft_state_rl_last.msgpack",
     output:
         metrics="results/{ds}/metrics.json",
         curves=report("results/{ds}/plots/rl_curves.png", category="{ds}", caption="captions/rl_curves.rst"),

@@ -20,6 +20,7 @@ rule rl_train:
         sft=lambda w, input: parent(input.sft_best),
     resources:
         tpu="train",
+    retries: 2  # a killed or preempted run resumes from its durable train state
     log:
         "logs/rl_train/{ds}.log",
     benchmark:

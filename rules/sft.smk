@@ -29,6 +29,7 @@ rule sft:
         ds=TRAINED,
     resources:
         tpu="train",
+    retries: 2  # a killed or preempted run resumes from its durable train state
     log:
         "logs/sft/{ds}.log",
     benchmark:

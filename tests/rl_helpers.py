@@ -90,7 +90,8 @@ def env(**extra: str) -> dict:
     return e
 
 
-def launch(argv: list[str], cwd: Path, follower_dirs: list[Path] = (), log_dir: Path | None = None) -> list:
+def launch(argv: list[str], cwd: Path, follower_dirs: list[Path] = (), log_dir: Path | None = None,
+           extra_env: dict | None = None) -> list:
     """Start process 0 (`python -m trainer ARGV` in cwd) and one `follow` per follower dir.
 
     Returns the Popen objects, process 0 first; output goes to log_dir/p{i}.log (default cwd).
@@ -104,6 +105,7 @@ def launch(argv: list[str], cwd: Path, follower_dirs: list[Path] = (), log_dir: 
     procs = []
     for i, (d, args) in enumerate([(cwd, argv)] + [(f, ["follow"]) for f in follower_dirs]):
         extra = dict(cluster, TRAINER_PROCESS_ID=str(i)) if n > 1 else {}
+        extra.update(extra_env or {})
         with open(log_dir / f"p{i}.log", "w") as logf:
             procs.append(subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=d, env=env(**extra),
                                           stdout=logf, stderr=subprocess.STDOUT))

@@ -59,7 +59,7 @@ def main(argv):
 if __name__ == "__main__":
     if sys.argv[1] == "follow":  # what `python -m trainer follow` does, for this module's command
         distributed.init_from_env()
-        sys.exit(main(distributed.follower_argv()))
+        sys.exit(main(distributed.exchange_argv(None)))
     sys.exit(main(sys.argv[1:]))
 '''
 

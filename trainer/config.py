@@ -57,6 +57,9 @@ DEFAULTS: dict[str, Any] = {
     "init": {"checkpoint": None},  # msgpack params to start from (RL: the SFT best)
     "mesh": {"data": -1, "fsdp": 1},  # -1: all devices not used by other axes
     "train": {
+        # train-state checkpoints: dir null = <output_dir>/state; gs://BUCKET/PREFIX survives the VM.
+        # Saved every sft.checkpoint_every / checkpoint_every_steps steps and at least every_minutes (0: off).
+        "checkpoint": {"dir": None, "every_minutes": 30.0},
         "optimizer": {
             "name": "lion",
             "clip_norm": 1.0,
@@ -151,6 +154,8 @@ SCHEMA = {
     "init.checkpoint": Str(nullable=True),
     "mesh.data": Int(min=-1),
     "mesh.fsdp": Int(min=-1),  # -1: every device the data axis leaves
+    "train.checkpoint.dir": Str(nullable=True),  # null: <output_dir>/state; or gs://BUCKET/PREFIX
+    "train.checkpoint.every_minutes": Float(min=0),  # 0: by steps only
     "train.optimizer.name": Str(),  # checked against trainer/train/optim.py OPTIMIZERS
     "train.optimizer.clip_norm": Float(min=0, nullable=True),  # null or 0: no clipping
     "train.optimizer.weight_decay": Float(min=0),

@@ -12,12 +12,13 @@ from pathlib import Path
 
 from trainer.io_utils import atomic_write_text
 
+
 log = logging.getLogger("trainer")
 
 
 class RunLog:
     def __init__(self, out_dir: str | Path, cfg: dict, active: bool, name: str, resume_step: int = 0,
-                 state_dir: str | Path | None = None):
+                 saved: str | None = None):
         self.active = active
         self.path = Path(out_dir) / "metrics.jsonl"
         self.wandb = None
@@ -25,11 +26,9 @@ class RunLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Snakemake deletes a job's outputs before a rerun, so a resumed run takes the lines up to
-        # its checkpoint from the copy kept beside the train state; later lines are produced again.
-        saved = Path(state_dir) / "metrics.jsonl" if state_dir else None
-        source = saved if resume_step and saved and saved.exists() else None
-        kept = [l for l in source.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step] \
-            if source else []
+        # its checkpoint from the copy `saved` with the train state; later lines are produced again.
+        kept = [l for l in saved.splitlines() if l and json.loads(l).get("step", 0) <= resume_step] \
+            if resume_step and saved else []
         atomic_write_text(self.path, "".join(k + "\n" for k in kept))  # then appended line by line
         enabled = cfg["wandb"]["enabled"]
         if enabled is True or (enabled == "auto" and os.environ.get("WANDB_API_KEY")):
@@ -49,10 +48,9 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(row, step=step)
 
-    def snapshot(self, state_dir: str | Path) -> None:
-        """Keep the lines logged so far beside a train-state checkpoint."""
-        if self.active:
-            atomic_write_text(Path(state_dir) / "metrics.jsonl", self.path.read_text())
+    def snapshot(self) -> str:
+        """The lines logged so far, saved with a train-state checkpoint."""
+        return self.path.read_text() if self.active else ""
 
     def history(self) -> list[dict]:
         if not self.active or not self.path.exists():

@@ -168,21 +168,29 @@ def load_into_model(model: nnx.Module, path: str | Path) -> None:
     nnx.update(model, state)
 
 
-def save_train_state(path: str | Path, state: dict) -> None:
-    """Resumable state: params, optimizer state, step, rng, data position (any pytree)."""
+def train_state_bytes(state: dict) -> bytes:
+    """Resumable state (params, optimizer state, step, data position: any pytree) as flax msgpack."""
     host = jax.tree.map(lambda x: np.asarray(jax.device_get(x)), state)
-    atomic_write_bytes(path, serialization.to_bytes(host))
+    return serialization.to_bytes(host)
+
+
+def save_train_state(path: str | Path, state: dict) -> None:
+    atomic_write_bytes(path, train_state_bytes(state))
 
 
 def load_train_state(path: str | Path, template: dict) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"train state not found: {path}")
+    return train_state_from_bytes(path.read_bytes(), template, str(path))
+
+
+def train_state_from_bytes(data: bytes, template: dict, where: str) -> dict:
     try:
-        restored = serialization.from_bytes(template, path.read_bytes())
+        restored = serialization.from_bytes(template, data)
     except Exception as e:
         raise CheckpointError(
-            f"{path}: cannot restore the train state ({type(e).__name__}: {e}); delete it to start "
+            f"{where}: cannot restore the train state ({type(e).__name__}: {e}); delete it to start "
             "over or check that the config did not change the model or optimizer.") from e
     # from_bytes takes the file's arrays as they are: a state saved for another model size would
     # load "successfully" with the wrong shapes, so compare every array leaf with the template.
@@ -199,6 +207,6 @@ def load_train_state(path: str | Path, template: dict) -> dict:
     if problems:
         shown = "\n  ".join(problems[:12]) + (f"\n  ... {len(problems) - 12} more" if len(problems) > 12 else "")
         raise CheckpointError(
-            f"{path}: train state does not match the configured model/optimizer (delete it to start over, "
+            f"{where}: train state does not match the configured model/optimizer (delete it to start over, "
             f"or restore the config it was written with):\n  {shown}")
     return restored

@@ -14,7 +14,7 @@ from pathlib import Path
 from trainer.cli import base_parser
 from trainer.errors import PredictionError, UserError
 from trainer.eval.significance import RESAMPLES, SEED
-from trainer.io_utils import atomic_write_bytes, atomic_write_json, md5_file, read_json, setup_logging
+from trainer.io_utils import atomic_write_bytes, atomic_write_json, read_json, setup_logging
 
 METRIC_PREFIXES = ("eval/hr@", "eval/ndcg@")
 
@@ -50,9 +50,10 @@ def _crosscheck_summary(check: dict) -> dict:
 
 
 def build_metrics(dataset: str, rl_eval: dict, sft_eval: dict, crosscheck: dict, sft_crosscheck: dict,
-                  receipt: dict, rl_run: dict, sft_run: dict, eval_copy_md5: str,
-                  deltas: dict, popularity: dict) -> dict:
-    """metrics.json; `deltas` from significance.paired_bootstrap, `popularity` its popularity_floor."""
+                  receipt: dict, rl_run: dict, sft_run: dict, deltas: dict, popularity: dict) -> dict:
+    """metrics.json; `deltas` from significance.paired_bootstrap, `popularity` its popularity_floor.
+    Checksums come from the summaries and the receipt, never from re-reading a checkpoint: the
+    evaluation (on the eval host) verified its copy against the receipt and records its md5."""
     for name, check in (("RL", crosscheck), ("SFT best", sft_crosscheck)):
         if not check.get("passed"):
             raise PredictionError(f"{name} cross-check did not pass (max_abs_diff={check.get('max_abs_diff')}, "
@@ -64,9 +65,10 @@ def build_metrics(dataset: str, rl_eval: dict, sft_eval: dict, crosscheck: dict,
     ckpt_entry = next((f for f in receipt["files"] if f["name"] == "sft_state_rl_last.msgpack"), None)
     if ckpt_entry is None:
         raise UserError("GCS receipt lists no sft_state_rl_last.msgpack; rerun gcs_copy")
-    if ckpt_entry["md5"] != eval_copy_md5:
-        raise UserError(f"eval copy md5 {eval_copy_md5} differs from the uploaded object's {ckpt_entry['md5']}; "
-                        "delete workdir/checkpoints/... and rerun")
+    evaluated = rl_eval.get("checkpoint_md5")
+    if ckpt_entry["md5"] != evaluated:
+        raise UserError(f"the evaluated checkpoint's md5 {evaluated} differs from the uploaded object's "
+                        f"{ckpt_entry['md5']}; delete workdir/checkpoints/... and rerun")
     return {
         "dataset": dataset,
         "n": rl_eval["n"],
@@ -161,7 +163,7 @@ def main(argv: list[str]) -> int:
 
     p = base_parser("metrics", "assemble results/{ds}/metrics.json (+ plots) from the stage outputs")
     for flag in ("--dataset", "--rl-eval", "--sft-eval", "--rl-predictions", "--sft-predictions", "--crosscheck",
-                 "--sft-crosscheck", "--receipt", "--rl-run", "--sft-run", "--rl-curves", "--eval-copy", "--data",
+                 "--sft-crosscheck", "--receipt", "--rl-run", "--sft-run", "--rl-curves", "--data",
                  "--out", "--plots"):
         p.add_argument(flag, required=True)
     args = p.parse_args(argv[1:])
@@ -174,7 +176,7 @@ def main(argv: list[str]) -> int:
         args.dataset, _read_json(args.rl_eval, "RL evaluation summary"), _read_json(args.sft_eval, "SFT evaluation summary"),
         _read_json(args.crosscheck, "RL cross-check"), _read_json(args.sft_crosscheck, "SFT cross-check"),
         _read_json(args.receipt, "GCS receipt"), _read_json(args.rl_run, "RL run summary"),
-        _read_json(args.sft_run, "SFT run summary"), md5_file(args.eval_copy),
+        _read_json(args.sft_run, "SFT run summary"),
         paired_bootstrap(rl_records, sft_records), popularity)
     plot(curves, metrics, Path(args.plots))
     atomic_write_json(args.out, metrics)

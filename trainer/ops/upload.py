@@ -8,6 +8,7 @@ the checksums GCS stored for that exact generation. See trainer/ops/handoff.py f
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -85,6 +86,17 @@ def _upload_one(bucket, path: Path, name: str, overwrite: bool, bar, lock: threa
     return _entry(path.name, uri, remote, stored.generation, status)
 
 
+def uploading_host() -> dict[str, Any]:
+    """Where the upload ran: in the TPU profile the train slice's host 0, which holds the checkpoint
+    (the executor sets SIDRL_*; the runbook finds that host by grepping logs for `process=0/4`)."""
+    import socket
+
+    env = os.environ
+    return {"hostname": socket.gethostname(), "tpu_vm": env.get("SIDRL_TPU_NAME"), "zone": env.get("SIDRL_TPU_ZONE"),
+            "worker": int(env["SIDRL_WORKER"]) if env.get("SIDRL_WORKER", "").isdigit() else None,
+            "slice": env.get("SIDRL_SLICE")}
+
+
 def upload_files(paths: list[str | Path], uri: str, overwrite: bool = False, workers: int = 4, *,
                  client=None, receipt_path: str | Path | None = None, create_bucket: bool | None = None,
                  chunk_size_mib: int | None = None) -> dict[str, Any]:
@@ -137,6 +149,7 @@ def upload_files(paths: list[str | Path], uri: str, overwrite: bool = False, wor
         "endpoint": client.api_endpoint,
         "emulator": is_emulator(client),
         "timestamp": datetime.now(timezone.utc).isoformat(),
+        "uploaded_from": uploading_host(),
         "files": entries,
     }
     if receipt_path is not None:

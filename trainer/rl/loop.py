@@ -26,6 +26,7 @@ from trainer.model import checkpoint
 from trainer.train import distributed
 from trainer.train import parallel
 from trainer.train import train_state
+from trainer.train.state_store import METRICS
 from trainer.data.batching import bucketed_length, left_pad
 from trainer.data.tokenizer import TOKENIZER_FILES
 from trainer.cli import base_parser
@@ -184,9 +185,9 @@ class Trainer:
         """What the train state holds beside the params: a synced reference moves, so it goes too."""
         return {"opt": self.opt_state, "ref": self.ref_params} if self.sync_ref else self.opt_state
 
-    def resume(self, state_path: Path) -> int:
-        """The step to start from: the saved state's, placed into this run's shardings, or 0."""
-        resumed = train_state.resume(state_path, self.params, self.saved_state())
+    def resume(self, store) -> int:
+        """The step to start from: the latest state in `store`, placed into this run's shardings, or 0."""
+        resumed = train_state.resume(store, self.params, self.saved_state())
         if resumed is None:
             return 0
         self.params, extra, start, _ = resumed
@@ -292,14 +293,16 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     if main_proc:  # first: a kill from here on must not leave an earlier run looking like this one
         train_state.retire_outputs(out, (CHECKPOINT_FILE, "metrics.jsonl", *TOKENIZER_FILES))
     trainer = Trainer(cfg, *_inputs_on_every_process(cfg, data_dir))
-    state_path = train_state.state_path(out, cfg)
-    start = trainer.resume(state_path)
+    store = train_state.store_for(out, cfg)
+    start = trainer.resume(store)
     if start:
-        log.info("resuming RL from step %d (%s)", start, state_path)
+        log.info("resuming RL from step %d (%s)", start, store.where)
 
     steps = trainer.steps
-    runlog = RunLog(out, cfg, main_proc, "rl", resume_step=start, state_dir=state_path.parent)
-    eval_every, every, valid_metrics = int(cfg["eval_every_steps"]), int(cfg["checkpoint_every_steps"]), {}
+    runlog = RunLog(out, cfg, main_proc, "rl", resume_step=start,
+                    saved=distributed.on_main(lambda: (store.read(METRICS) or b"").decode()) if start else None)
+    writer, due = train_state.AsyncWriter(store), train_state.schedule(cfg["checkpoint_every_steps"], cfg)
+    eval_every, valid_metrics = int(cfg["eval_every_steps"]), {}
     t_start = time.time()
     for step in tqdm(range(start, steps), desc="rl", disable=not main_proc, initial=start, total=steps):
         metrics = trainer.step(step)
@@ -310,18 +313,19 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         runlog.log(done, metrics)
         if done % max(1, steps // 20) == 0 or done == steps:
             log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-        if every > 0 and done % every == 0 and done < steps:
+        if due.due(done, steps):
             host_state = train_state.to_host(trainer.params, trainer.saved_state(), done)
-            if main_proc:  # log first: a kill between the two writes must not lose covered lines
-                runlog.snapshot(state_path.parent)
-                train_state.save(state_path, host_state)
+            if main_proc:
+                train_state.save_async(writer, host_state, runlog.snapshot())
 
     elapsed = time.time() - t_start
     host_params = checkpoint.host_tree_on_main(trainer.params)  # process 0 only; one array at a time
     if not main_proc:
         return None
+    writer.wait()
     summary = write_outputs(out, trainer, host_params, start, elapsed, valid_metrics, runlog)
-    train_state.clear(out)
+    store.clear()
+    train_state.clear(out)  # and the earlier run's outputs moved aside
     runlog.close()
     return summary
 

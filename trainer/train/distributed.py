@@ -4,9 +4,12 @@ Protocol (used by the TPU executor, see snakemake_executor_plugin_tpu):
 - Every host of a slice gets `TRAINER_COORDINATOR=host:port`, `TRAINER_NUM_PROCESSES=N` and its own
   `TRAINER_PROCESS_ID=i` in the environment. Host 0 runs the Snakemake job, whose rule calls
   `python -m trainer <command> ...`; hosts 1..N-1 run `python -m trainer follow`.
-- Process 0 publishes its argv under the key `trainer/argv` of the jax.distributed key-value store;
-  a follower waits for it and runs the same command with the same argv, in its own (possibly empty)
-  directory. Only process 0 reads and writes files; followers receive inputs by broadcast.
+- Process 0 broadcasts its argv (jax.experimental.multihost_utils, public API; jax 0.10 has no
+  public key-value store); a follower runs the same command with the same argv, in its own
+  (possibly empty) directory. Only process 0 reads and writes files; followers receive inputs by broadcast.
+- Host 0 may take long to start (its Snakemake job fetches inputs first), so a follower waits up
+  to TRAINER_FOLLOWER_TIMEOUT_S (default 3600) for the coordinator to listen before jax.distributed's own timer
+  starts, and names host 0 when it never does.
 - On TPU VMs the coordinator may be left out: jax.distributed discovers the slice itself.
 - Small objects travel pickled (broadcast_object); weights never do: process 0 sends them one
   array at a time straight into their target sharding (broadcast_arrays).
@@ -16,16 +19,16 @@ Protocol (used by the TPU executor, see snakemake_executor_plugin_tpu):
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import pickle
+import socket
 import sys
+import time
 
 import jax
 import numpy as np
 
-ARGV_KEY = "trainer/argv"
 ENV_COORD, ENV_NUM, ENV_ID = "TRAINER_COORDINATOR", "TRAINER_NUM_PROCESSES", "TRAINER_PROCESS_ID"
 ENV_TIMEOUT = "TRAINER_FOLLOWER_TIMEOUT_S"
 ENV_BACKEND, ENV_ACCELERATOR = "TRAINER_EXPECT_BACKEND", "TRAINER_ACCELERATOR"
@@ -49,9 +52,11 @@ def env_int(name: str, default: int | None = None, minimum: int = 0) -> int:
     if value is None or value < minimum:
         raise UserError(f"environment variable {name}={text!r}: expected an integer >= {minimum}")
     return value
+JOIN_TIMEOUT_S = 300  # jax.distributed's own registration timeout, once the coordinator listens
 
 log = logging.getLogger("trainer")
 _initialized = False
+_argv: list[str] | None = None
 
 
 def init_from_env() -> None:
@@ -60,15 +65,19 @@ def init_from_env() -> None:
     if _initialized:
         return
     num = env_int(ENV_NUM, 1, minimum=1)
-    env_int(ENV_TIMEOUT, 3600, minimum=1)  # read by followers; checked on every process up front
+    env_int(ENV_TIMEOUT, 3600, minimum=1)  # followers wait this long for host 0; checked on every process
     if num > 1 or os.environ.get("TRAINER_TPU_AUTO_DISTRIBUTED") == "1":
         # CPU processes need a collectives implementation to talk to each other (ignored on TPU).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         if os.environ.get(ENV_COORD):
+            pid = _process_id(num)
+            if pid != 0:
+                wait_for_coordinator(os.environ[ENV_COORD], pid, env_int(ENV_TIMEOUT, 3600, minimum=1))
             jax.distributed.initialize(
                 coordinator_address=os.environ[ENV_COORD],
                 num_processes=num,
-                process_id=_process_id(num),
+                process_id=pid,
+                initialization_timeout=JOIN_TIMEOUT_S,
             )
         else:
             jax.distributed.initialize()
@@ -105,6 +114,39 @@ def _process_id(num: int) -> int:
     return pid
 
 
+def wait_for_coordinator(address: str, process_id: int, timeout_s: float) -> None:
+    """A follower: block until host 0's coordinator accepts connections (host 0 may still be
+    fetching inputs); past `timeout_s`, fail naming host 0 and its address."""
+    from trainer.errors import UserError
+
+    host, _, port = address.rpartition(":")
+    deadline, logged = time.monotonic() + timeout_s, False
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=5):
+                return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise UserError(
+                    f"process {process_id}: host 0 (process 0, the jax.distributed coordinator at {address}) never "
+                    f"joined: nothing listened there for {timeout_s:g} s ({e}). See worker 0's log for why it did "
+                    f"not start the trainer; raise {ENV_TIMEOUT} if its start-up (fetching inputs) takes "
+                    "longer.") from None
+            if not logged:
+                log.warning("process %d: waiting for host 0 (coordinator %s) to start", process_id, address)
+                logged = True
+            time.sleep(1)
+
+
+def broadcast_scalar(x):
+    """Process 0's value of a numpy scalar, on every process."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.broadcast_one_to_all(np.asarray(x))
+
+
 def start(argv: list[str]) -> None:
     """Entry of every multi-process command: join the cluster; process 0 publishes its argv.
 
@@ -115,10 +157,7 @@ def start(argv: list[str]) -> None:
     limit, and the collective right after it sets the connections up while every process is there.
     """
     init_from_env()
-    publish_argv(argv)
-    if jax.process_count() > 1:
-        _kv_client().wait_at_barrier("trainer/started", env_int(ENV_TIMEOUT, 3600, 1) * 1000)
-        sync("trainer/started")
+    exchange_argv(argv)
 
 
 def is_main() -> bool:
@@ -247,14 +286,19 @@ def _kv_client():
     return client
 
 
-def publish_argv(argv: list[str]) -> None:
-    """Process 0: tell the followers which command to run."""
-    if jax.process_count() > 1 and is_main():
-        _kv_client().key_value_set(ARGV_KEY, json.dumps(argv))
-
-
-def follower_argv() -> list[str]:
-    return json.loads(_kv_client().blocking_key_value_get(ARGV_KEY, env_int(ENV_TIMEOUT, 3600, 1) * 1000))
+def exchange_argv(argv: list[str] | None) -> list[str] | None:
+    """Process 0's argv on every process, after the start barrier and one tiny collective (see
+    start), so a follower that runs `follow` (argv None) learns what to run, and one that runs the
+    command itself joins."""
+    global _argv
+    if _argv is None:  # once per process: `follow` exchanges it before running the command's main
+        if jax.process_count() == 1:
+            _argv = argv
+        else:
+            _kv_client().wait_at_barrier("trainer/started", env_int(ENV_TIMEOUT, 3600, 1) * 1000)
+            sync("trainer/started")
+            _argv = broadcast_object(list(argv) if is_main() else None)
+    return _argv
 
 
 def main(argv: list[str]) -> int:
@@ -266,7 +310,7 @@ def main(argv: list[str]) -> int:
     if is_main():
         print("error: `follow` is for processes 1..N-1; process 0 runs the command itself", file=sys.stderr)
         return 2
-    command_argv = follower_argv()
+    command_argv = exchange_argv(None)
     log.info("follower %d runs: %s", jax.process_index(), " ".join(command_argv))
     module = importlib.import_module(COMMANDS[command_argv[0]])
     return int(module.main(command_argv) or 0)

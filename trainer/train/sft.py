@@ -36,7 +36,9 @@ from trainer.eval.sharded_decode import global_trie, predict_sid_rows_sharded
 from trainer.eval.metrics import TOPK, compute_metrics
 from trainer.decode.trie import build_trie
 from trainer.config import ConfigError, load_config
-from trainer.io_utils import atomic_copy, atomic_write_json, md5_file, setup_logging
+from trainer.errors import CheckpointError
+from trainer.io_utils import atomic_write_bytes, atomic_write_json, md5_file, setup_logging
+from trainer.train.state_store import METRICS
 from trainer.train.losses import response_logprobs
 from trainer.model import resolve
 from trainer.model.qwen2 import build_model
@@ -212,19 +214,22 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     opt_state = parallel.init_opt_state(tx, params, mesh)
     train_step, eval_loss = make_steps(graphdef, tx, mesh)
 
-    state_path = train_state.state_path(out, cfg)
+    store = train_state.store_for(out, cfg)
     start, best, best_step = 0, None, None
-    resumed = train_state.resume(state_path, params, opt_state, ("best", "best_step"))
+    resumed = train_state.resume(store, params, opt_state, ("best", "best_step"))
     if resumed is not None:
         params, opt_state, start, extra = resumed
         if extra["best_step"] >= 0:
             best, best_step = extra["best"], int(extra["best_step"])
-        log.info("resuming SFT from step %d (%s)", start, state_path)
+        log.info("resuming SFT from step %d (%s)", start, store.where)
 
-    runlog = RunLog(out, cfg, main_proc, "sft", resume_step=start, state_dir=state_path.parent)
-    best_path = state_path.parent / "sft_best.msgpack"  # copied to the output when the run ends
-    valid = {"input_ids": bundle["valid_ids"], "attention_mask": bundle["valid_mask"],
-             "resp_mask": bundle["valid_resp"]}
+    runlog = RunLog(out, cfg, main_proc, "sft", resume_step=start,
+                    saved=distributed.on_main(lambda: (store.read(METRICS) or b"").decode()) if start else None)
+    writer, due = train_state.AsyncWriter(store), train_state.schedule(sft["checkpoint_every"], cfg)
+    # The best params so far stay in process 0's memory and go to the store (best_<step>.msgpack)
+    # with the next train state, which names its best_step; a resumed run reads that file at the end.
+    best_params, best_saved = None, best_step
+    valid = {"input_ids": bundle["valid_ids"], "attention_mask": bundle["valid_mask"], "resp_mask": bundle["valid_resp"]}
     higher_is_better = sft["best_metric"] != "valid/loss"
     t0, tokens, stopped_at = time.time(), 0, None
     for step in tqdm(range(start, steps), desc="sft", disable=not main_proc, initial=start, total=steps):
@@ -244,9 +249,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
             value = metrics[sft["best_metric"]]
             if best is None or (value > best if higher_is_better else value < best):
                 best, best_step = value, done
-                host_params = checkpoint.host_tree_on_main(params)  # process 0 only; one array at a time
-                if main_proc:
-                    checkpoint.save_params(best_path, host_params, mcfg.to_dict())
+                best_params = checkpoint.host_tree_on_main(params)  # process 0 only; one array at a time
             runlog.log(done, metrics)
             log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             # EarlyStoppingCallback: stop after `patience` evaluations in a row without a new best
@@ -254,20 +257,29 @@ def run(cfg: dict, data_dir: str) -> dict | None:
                 log.info("early stop at step %d: no better %s since step %d", done, sft["best_metric"], best_step)
                 stopped_at = done
                 break
-        if done % sft["checkpoint_every"] == 0 and done < steps:
+        if due.due(done, steps):
             host_state = train_state.to_host(params, opt_state, done, {
                 "best": np.nan if best is None else best, "best_step": -1 if best_step is None else best_step})
-            if main_proc:  # log lines first: a kill between the two must not lose lines the state covers
-                runlog.snapshot(state_path.parent)
-                train_state.save(state_path, host_state)
+            if main_proc:
+                before = ()
+                if best_step != best_saved:
+                    before = ((_best_name(best_step), lambda p=best_params: checkpoint.params_to_bytes(p, mcfg.to_dict())),)
+                    best_saved = best_step
+                train_state.save_async(writer, host_state, runlog.snapshot(), before)
     elapsed = time.time() - t0
     layout = parallel.describe(mesh, params)
     if not main_proc:
         return None
+    writer.wait()
     tk.save_tokenizer(tok, out)
-    # A copy, not a move: a kill before run_summary.json is written must leave the state's best
-    # for the resumed run (which may not improve on it again).
-    atomic_copy(best_path, out / "sft_best.msgpack")
+    if best_params is not None:
+        checkpoint.save_params(out / "sft_best.msgpack", best_params, mcfg.to_dict())
+    else:  # found before the resume: saved with an earlier train state
+        data = store.read(_best_name(best_step))
+        if data is None:
+            raise CheckpointError(f"{store.where}/{_best_name(best_step)}: missing, though the train state names "
+                                  f"step {best_step} as the best; delete {store.where} to train again")
+        atomic_write_bytes(out / "sft_best.msgpack", data)
     summary = {
         "kind": "sft", "best_metric": sft["best_metric"], "best_value": best, "best_step": best_step,
         "steps": steps, "stopped_at": stopped_at, "seconds": elapsed, "tokens_per_s": tokens / max(elapsed, 1e-9),
@@ -277,9 +289,14 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         "sft_best_md5": md5_file(out / "sft_best.msgpack"), "config": cfg,
     }
     atomic_write_json(out / "run_summary.json", summary)
-    train_state.clear(out)
+    store.clear()
+    train_state.clear(out)  # and the earlier run's outputs moved aside
     runlog.close()
     return summary
+
+
+def _best_name(step: int) -> str:
+    return f"sft_best_{step}.msgpack"
 
 
 def _valid_ranking(graphdef, params, bundle: dict, trie, beams: int, batch_size: int, mesh) -> dict:

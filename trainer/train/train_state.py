@@ -1,8 +1,9 @@
 """Resumable training: data order as a function of step, and train-state checkpoints.
 
-The state file holds params, optimizer state and progress together, so a kill can never pair new
+The state holds params, optimizer state and progress together, so a kill can never pair new
 params with an old step. Data order and RNG keys derive from (seed, step), so nothing else needs
-saving for an exact replay.
+saving for an exact replay. States live in a durable store (trainer.train.state_store):
+`train.checkpoint.dir` (GCS in the TPU profile) or `<output_dir>/state`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 from trainer.io_utils import atomic_write_text
 from trainer.model import checkpoint
 from trainer.train import parallel
+from trainer.train.state_store import METRICS, STATE, AsyncWriter, Schedule, open_store
 
 log = logging.getLogger("trainer")
 
@@ -27,12 +29,12 @@ log = logging.getLogger("trainer")
 _NOT_TRAINING = ("output_dir", "wandb", "eval", "crosscheck")
 
 
-def state_path(out_dir: str | Path, cfg: dict) -> Path:
-    """Train-state file of this exact configuration: a rerun with another config (more steps,
-    another learning rate) starts fresh instead of resuming someone else's state."""
+def config_digest(cfg: dict) -> str:
+    """Identity of a training configuration: a rerun with another config (more steps, another
+    learning rate) starts fresh instead of resuming someone else's state."""
     relevant = {k: v for k, v in cfg.items() if k not in _NOT_TRAINING}
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Path(out_dir) / "state" / digest / "train_state.msgpack"
+    relevant["train"] = {k: v for k, v in cfg["train"].items() if k != "checkpoint"}  # where/how often: not what
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def clear(out_dir: str | Path) -> None:
@@ -72,6 +74,22 @@ def retire_outputs(out_dir: str | Path, names: tuple[str, ...] | list[str]) -> l
     return moved
 
 
+def store_for(out_dir: str | Path, cfg: dict):
+    """The durable store of this run's train states (see trainer.train.state_store)."""
+    location = cfg["train"]["checkpoint"]["dir"] or Path(out_dir) / "state"
+    return open_store(location, config_digest(cfg))
+
+
+def save_async(writer: AsyncWriter, host_state: dict, metrics_text: str, before: tuple = ()) -> None:
+    """Process 0: write `before` (name, bytes producer) pairs, the log lines, then the state."""
+    files = [*before, (METRICS, metrics_text.encode), (STATE, lambda: checkpoint.train_state_bytes(host_state))]
+    writer.submit(files, f"train state of step {int(host_state['step'])}")
+
+
+def schedule(every_steps: int, cfg: dict) -> Schedule:
+    return Schedule(every_steps, cfg["train"]["checkpoint"]["every_minutes"])
+
+
 def batch_rows(n: int, batch_size: int, step: int, seed: int) -> np.ndarray:
     """Row indices of a global batch: a fresh permutation each epoch, a pure function of step."""
     per_epoch = n // batch_size
@@ -88,30 +106,30 @@ def to_host(params, opt_state, step: int, extra: dict | None = None) -> dict | N
     return None if host is None else {**host, "step": np.int64(step), "extra": extra}
 
 
-def save(path: str | Path, host_state: dict) -> None:
-    checkpoint.save_train_state(path, host_state)
-
-
-def load(path: str | Path, params, opt_state, extra_keys: tuple[str, ...] = ()) -> dict:
-    """Process 0 only: the template is built from shapes, so no collective is involved."""
+def load(store, params, opt_state, extra_keys: tuple[str, ...] = ()) -> dict | None:
+    """Process 0 only: the latest state in `store`, or None. The template is built from shapes,
+    so no collective is involved."""
+    data = store.read(STATE)
+    if data is None:
+        return None
     zeros = lambda tree: jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), tree)
     template = {"params": zeros(params), "opt_state": zeros(opt_state), "step": np.int64(0),
                 "extra": {k: np.float64(0) for k in extra_keys}}
-    return checkpoint.load_train_state(path, template)
+    return checkpoint.train_state_from_bytes(data, template, f"{store.where}/{STATE}")
 
 
-def resume(path: str | Path, params, opt_state, extra_keys: tuple[str, ...] = ()):
-    """Every process: (params, opt_state, step, extra) from the saved state at `path`, placed like
-    the live params/opt_state, or None when there is none. Process 0 reads the file; the arrays
+def resume(store, params, opt_state, extra_keys: tuple[str, ...] = ()):
+    """Every process: (params, opt_state, step, extra) from the latest state in `store`, placed like
+    the live params/opt_state, or None when there is none. Process 0 reads the store; the arrays
     reach the others one at a time (distributed.broadcast_arrays), never as a pickled tree."""
     from trainer.train import distributed
 
     kept = {}
 
     def read():
-        if not Path(path).exists():
+        host = load(store, params, opt_state, extra_keys)
+        if host is None:
             return None
-        host = load(path, params, opt_state, extra_keys)
         kept["arrays"] = {"params": host["params"], "opt_state": host["opt_state"]}
         return int(host["step"]), {k: float(v) for k, v in host["extra"].items()}
 

@@ -5,5 +5,5 @@ i = snakemake.input
 run_rule(snakemake, "metrics", dataset=snakemake.wildcards.ds, rl_eval=i.rl_eval, sft_eval=i.sft_eval,
          rl_predictions=i.rl_predictions, sft_predictions=i.sft_predictions, data=snakemake.params.data,
          crosscheck=i.crosscheck, sft_crosscheck=i.sft_crosscheck, receipt=i.receipt, rl_run=i.rl_run,
-         sft_run=i.sft_run, rl_curves=i.rl_curves, eval_copy=i.eval_copy, out=snakemake.output.metrics,
+         sft_run=i.sft_run, rl_curves=i.rl_curves, out=snakemake.output.metrics,
          plots=snakemake.params.plots)
