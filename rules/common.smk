@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from snakemake_executor_plugin_tpu.slices import placement
-from trainer.data.tokenizer import TOKENIZER_FILES
+from trainer.data import TOKENIZER_FILES
 from trainer.ops.workflow_config import check_workflow_config, crosscheck_args, prepare_data_args, stage_configs
 
 check_workflow_config(config)  # every dataset's trainer configs load: bad keys fail before any job

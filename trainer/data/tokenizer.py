@@ -15,13 +15,13 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from trainer.data import TOKENIZER_FILES
 from trainer.data.readers import SID_RE, code_tokens, split_sid
 from trainer.errors import CheckpointError, DataError
 from trainer.io_utils import atomic_write_bytes, read_json
 from trainer.data.prompts import CHAT_TEMPLATE, Prompt
 
 EOS_TOKEN = "<|endoftext|>"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 _CODE_RE = re.compile(r"<[abc]_\d+>")
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from trainer.train import distributed
 from trainer.data.batching import left_pad, length_bucket
-from trainer.data.tokenizer import TOKENIZER_FILES
+from trainer.data import TOKENIZER_FILES
 from trainer.cli import base_parser
 from trainer.config import ConfigError, load_config
 from trainer.decode.beam import check_num_beams, compiled_programs, constrained_beam_search

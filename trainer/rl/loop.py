@@ -28,7 +28,7 @@ from trainer.train import parallel
 from trainer.train import train_state
 from trainer.train.state_store import METRICS
 from trainer.data.batching import bucketed_length, left_pad
-from trainer.data.tokenizer import TOKENIZER_FILES
+from trainer.data import TOKENIZER_FILES
 from trainer.cli import base_parser
 from trainer.config import ConfigError, load_config
 from trainer.io_utils import atomic_write_bytes, atomic_write_json, md5_file, setup_logging
