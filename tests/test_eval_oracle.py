@@ -166,11 +166,11 @@ def test_eval_equals_upstream_generate(checkpoint, tmp_path):
     # Ours, as a user runs it: import the HF directory, then `python -m trainer eval`.
     ours_dir = tmp_path / "ours"
     assert cli_main(["import-hf", str(checkpoint["hf"]), "--out", str(ours_dir)]) == 0
-    model_cfg = json.loads((ours_dir / "model_config.json").read_text())
+    model_cfg = json.loads((ours_dir / "run_summary.json").read_text())["model"]  # from the checkpoint
     data_dir = tmp_path / "data"
     import_minionerec(data_dir, AMAZON, NAME, train_from="valid")
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump({
-        "model": model_cfg, "data": {"max_history": None, "max_prompt_len": 2560},
+        "data": {"max_history": None, "max_prompt_len": 2560},  # the model shape comes from the checkpoint
         "eval": {"num_beams": BEAMS, "max_samples": ROWS, "batch_size": 16, "split": "test"}}))
     out = tmp_path / "out"
     assert cli_main(["eval", "--config", str(tmp_path / "eval.yaml"), "--data", str(data_dir), "--checkpoint",
