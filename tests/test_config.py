@@ -139,7 +139,7 @@ def test_every_key_has_a_type_and_the_defaults_pass_it():
     ("init.checkpoint=[a]", "'init.checkpoint' must be a string or null, got ['a']"),
     ("crosscheck.tolerance=-1e-3", "'crosscheck.tolerance' must be a number >= 0, got -0.001"),
     ("crosscheck.calc_script=true", "'crosscheck.calc_script' must be a string or null, got True"),
-    ("rollout.temperature=0", "'rollout.temperature' must be a number > 0, got 0.0"),
+    ("rollout.temperature=0", "'rollout.temperature' must be a number > 0, got 0"),
     ("train.optimizer.lr_schedule.warmup_ratio=1.5", "warmup_ratio' must be a number in [0, 1], got 1.5"),
     ("model.dtype=float33", "'model.dtype' must be one of 'float32', 'bfloat16', 'float16' or null, got 'float33'"),
     ("eval.split=tset", "'eval.split' must be one of 'train', 'valid', 'test', got 'tset'"),

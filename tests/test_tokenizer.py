@@ -83,7 +83,7 @@ def test_sid_plus_newline_is_four_tokens(corpus, saved):
 
 
 def test_sid_token_table_names_unknown_sid(saved):
-    with pytest.raises(CheckpointError, match=r"SID <a_999><b_0><c_0>: its codes are not single tokens"):
+    with pytest.raises(CheckpointError, match=r"SID <a_999><b_0><c_0>: the tokenizer lacks 1 of the catalog's \d+ SID code tokens: <a_999>\. Add them"):
         T.sid_token_table(saved[0], ["<a_0><b_0><c_0>", "<a_999><b_0><c_0>"])
 
 

@@ -48,6 +48,7 @@ class Spec:
             return None
         if value in self.also and not isinstance(value, bool):
             return value
+        given = value  # the error quotes what the user wrote, not its widened form
         ok = isinstance(value, self.kind) and (self.kind is bool or not isinstance(value, bool))
         if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
             value, ok = float(value), True
@@ -57,7 +58,7 @@ class Spec:
             low_bad = self.min is not None and (value <= self.min if self.exclusive_min else value < self.min)
             ok = not low_bad and (self.max is None or value <= self.max)
         if not ok:
-            raise ConfigError(f"{source}: '{key}' must be {self.describe()}, got {value!r}")
+            raise ConfigError(f"{source}: '{key}' must be {self.describe()}, got {given!r}")
         return value
 
 
