@@ -74,6 +74,9 @@ class Executor(RemoteExecutor):
         self.settings = settings if settings is not None else ExecutorSettings()
         self.slices = self._load_slices()
         self.pool = SlicePool()
+        # Every run this executor started: cancel stops them all, even one that Snakemake's status
+        # loop holds outside `active_jobs` at that moment (it takes the list out while it checks).
+        self._runs: list[JobRun] = []
         self.run_id = uuid.uuid4().hex[:6]  # keeps tags of reruns apart (jobids restart at 1)
         self.next_seconds_between_status_checks = self.settings.status_interval
         self._job_spec = threading.local()
@@ -182,6 +185,7 @@ class Executor(RemoteExecutor):
         job_info = SubmittedJobInfo(job=job, external_jobid=f"{self.run_id}-{job.jobid}", aux={"run": run})
         if spec is not None:
             self.logger.info(f"tpu executor: {label} -> {spec.describe()}")
+        self._runs = [r for r in self._runs if not r.done] + [run]
         waiting_for = self.pool.submit(run)
         if waiting_for:
             self.logger.info(f"tpu executor: {label} queued until {waiting_for} frees slice '{spec.slice_id}'")
@@ -258,6 +262,7 @@ class Executor(RemoteExecutor):
 
     def cancel_jobs(self, active_jobs: List[SubmittedJobInfo]):
         runs = [ji.aux["run"] for ji in active_jobs]
+        runs += [r for r in self._runs if r not in runs and not r.done]
         for run in runs:  # queued ones first, so none of them starts on a slice being freed
             if self.pool.dequeue(run):
                 run.cancel()

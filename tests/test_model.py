@@ -183,3 +183,27 @@ def test_reorder_rows_gathers_generated_slots_only(model):
     expect = np.take_along_axis(np.asarray(gen.k), np.asarray(idx)[None, :, :, None, None, None], axis=2)
     np.testing.assert_array_equal(np.asarray(re.k), expect)
     assert isinstance(re, GenCache) and re.k.shape == gen.k.shape
+
+
+def test_unrolled_layers_same_logits_and_cost_counts_every_layer():
+    """bench/scale_plan.py's cost pass: XLA counts a scan body once; the unrolled twin counts each layer."""
+    from trainer.model.qwen2 import Qwen2ForCausalLM
+
+    cfg = ModelConfig(vocab_size=16, hidden_size=64, intermediate_size=256, num_layers=4, num_heads=4, num_kv_heads=2)
+    graphdef, state = nnx.split(build_model(cfg, seed=0))
+    ids = jnp.arange(32, dtype=jnp.int32).reshape(2, 16) % 16
+
+    def compiled():  # a fresh function each time: the trace reads the flag
+        fn = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i, jnp.ones_like(i)))
+        return fn.lower(state, ids).compile(), fn
+
+    scanned, scanned_fn = compiled()
+    Qwen2ForCausalLM.unroll_layers = True
+    try:
+        unrolled, unrolled_fn = compiled()
+    finally:
+        Qwen2ForCausalLM.unroll_layers = False
+    flops = [float(c.cost_analysis()["flops"]) for c in (scanned, unrolled)]
+    # 4 layers hold nearly all the work at this vocabulary: counted once vs four times
+    assert 3.0 < flops[1] / flops[0] < 4.5, flops
+    np.testing.assert_allclose(np.asarray(unrolled_fn(state, ids)), np.asarray(scanned_fn(state, ids)), atol=1e-5)

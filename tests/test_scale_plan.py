@@ -32,6 +32,8 @@ def test_plan_lines_and_fsdp_splits_the_batch(tmp_path):
     for line in (update, beam):
         assert line["peak_bytes"] == line["argument_bytes"] + line["output_bytes"] - line["alias_bytes"] + line["temp_bytes"]
         assert line["fits_32gib"] and line["flops"] > 0 and line["bytes_accessed"] > 0 and line["roofline_s"] > 0
+        # the cost is the unrolled twin's: both layers counted, where the scanned program counts one
+        assert line["cost_from"] == "unrolled" and line["flops"] > line["scan_flops"]
     # Donation: the params and optimizer state come back in the same buffers.
     assert update["alias_bytes"] > 0.9 * update["output_bytes"]
     # FSDP keeps the 512 sequences split 32 per chip: each chip does 1/16 of the model FLOPs

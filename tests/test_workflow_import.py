@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("torch")
 
 from tests.hf_helpers import save_sid_checkpoint, small_base_tokenizer  # noqa: E402
-from tests.workflow_helpers import (EMULATOR_ROOT, describe, finished_rules, graph_artifacts, make_workflow,  # noqa: E402
+from tests.workflow_helpers import (EMULATOR_ROOT, SMALL_OVERRIDES, describe, finished_rules, graph_artifacts, make_workflow,  # noqa: E402
                                     output_of, read_json, snakemake, stop_emulator)
 from trainer.data.readers import code_tokens, load_catalog  # noqa: E402
 from trainer.data.synthetic import generate  # noqa: E402
@@ -31,7 +31,9 @@ def test_sft_import_of_a_transformers_bf16_checkpoint_to_metrics(tmp_path):
     hf = save_sid_checkpoint(tmp_path / "hf", small_base_tokenizer(), codes, hidden=32, intermediate=64,
                              rope_theta=1e6, tied=False, dtype="bfloat16")
     try:
-        proc = snakemake(wd, "results/demo/metrics.json", config={"sft_import": {"demo": str(hf)}})
+        # the demo's RL and eval shrunk as elsewhere: this test is about the import path, not RL's length
+        small = {stage: SMALL_OVERRIDES[stage] for stage in ("rl", "eval")}
+        proc = snakemake(wd, "results/demo/metrics.json", overrides=small, config={"sft_import": {"demo": str(hf)}})
         assert proc.returncode == 0, describe(proc, wd)
         missing = [a for a in graph_artifacts("demo") if not (wd / a).is_file()]
         assert not missing, f"missing artifacts {missing}\n{describe(proc, wd)}"

@@ -281,6 +281,10 @@ class Qwen2ForCausalLM(nnx.Module):
     """Layers are one stacked DecoderLayer run by `jax.lax.scan`: every program compiles one layer
     body whatever the depth. Param tree: `layers/<module>/<param>` with a leading [num_layers] axis."""
 
+    # True unrolls the scan into straight-line layers: the same math, compiled per layer. Only for
+    # bench/scale_plan.py's cost pass: XLA's cost_analysis counts a loop body once, not per trip.
+    unroll_layers: bool = False
+
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         pdt = jnp.dtype(cfg.param_dtype)
@@ -304,7 +308,7 @@ class Qwen2ForCausalLM(nnx.Module):
             layer_state, inputs = xs
             return step(nnx.merge(graphdef, layer_state), carry, inputs)
 
-        return jax.lax.scan(body, x, (state, per_layer_inputs))
+        return jax.lax.scan(body, x, (state, per_layer_inputs), unroll=self.unroll_layers)
 
     def _run(self, input_ids, attention_mask, keep_kv: bool):
         attention_mask = attention_mask.astype(jnp.int32)
