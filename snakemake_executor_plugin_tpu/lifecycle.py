@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from snakemake_executor_plugin_tpu import gcloud as gc
-from snakemake_executor_plugin_tpu.runner import JobFailure, Preempted
+from snakemake_executor_plugin_tpu.runner import JobFailure
 from snakemake_executor_plugin_tpu.slices import SliceSpec
 
 CREATED_BY = {"created-by": "sidrl-executor"}

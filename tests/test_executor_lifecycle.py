@@ -6,7 +6,6 @@ completes; `delete_after` deletes the VM it created and never the one that exist
 """
 import hashlib
 import json
-import os
 import textwrap
 from pathlib import Path
 

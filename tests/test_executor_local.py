@@ -13,7 +13,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
 from tests.procs import alive
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import load_config
 from trainer.io_utils import md5_file
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,6 @@ import numpy as np
 
 from trainer.io_utils import atomic_write_text
 from trainer.model import checkpoint
-from trainer.train import parallel
 from trainer.train.state_store import METRICS, STATE, AsyncWriter, Schedule, open_store
 
 log = logging.getLogger("trainer")
