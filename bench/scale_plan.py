@@ -198,6 +198,9 @@ def flops_and_bytes(compiled) -> tuple[float, float]:
 
 def measure(name: str, devices: int, fn, fargs, work: dict, mcfg: ModelConfig, cost_fn=None) -> dict:
     """Compile `fn` for its memory and compile time; its cost from `cost_fn` (the unrolled twin) if given."""
+    # The decoders are module-level jits keyed on (graphdef, shapes), which do not carry the unroll
+    # flag: without a cleared cache a twin would reuse the scanned trace (and the reverse).
+    jax.clear_caches()
     t, cpu = time.perf_counter(), time.process_time()
     compiled = fn.lower(*fargs).compile()
     compile_s, compile_cpu_s = time.perf_counter() - t, time.process_time() - cpu  # CPU time: robust to load
@@ -206,10 +209,12 @@ def measure(name: str, devices: int, fn, fargs, work: dict, mcfg: ModelConfig, c
     flops, bytes_accessed = scan_flops, scan_bytes
     if cost_fn is not None:
         Qwen2ForCausalLM.unroll_layers = True  # read while lower() traces
+        jax.clear_caches()
         try:
             flops, bytes_accessed = flops_and_bytes(cost_fn.lower(*fargs).compile())
         finally:
             Qwen2ForCausalLM.unroll_layers = False
+            jax.clear_caches()
     arg, outb, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
     peak = arg + outb - alias + temp
     ideal_flops, ideal_bytes = ideal(name, mcfg, work, devices)

@@ -1,4 +1,5 @@
 """Process helpers shared by the executor tests."""
+import signal
 from pathlib import Path
 
 
@@ -22,3 +23,10 @@ def fake_gcs_servers(under: str | Path) -> list[tuple[int, str]]:
         if args and b"fake-gcs-server" in args[0] and str(under).encode() in b" ".join(args) and alive(int(proc.name)):
             found.append((int(proc.name), b" ".join(args).decode(errors="replace")))
     return found
+
+
+def default_sigint() -> None:
+    """`preexec_fn` for a child a test sends Ctrl-C (SIGINT): a job started in the background by a
+    shell (`cmd &`, some CI runners) runs with SIGINT ignored, its children inherit that, and the
+    test's SIGINT would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -13,7 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from tests.procs import alive
+from tests.procs import alive, default_sigint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,8 @@ def run_snakemake(workdir: Path, *args: str, timeout: float = 180, extra_path: s
     cmd = [sys.executable, "-m", "snakemake", "--executor", "tpu", "-j", "4", "--tpu-slices-config", "slices.yaml",
            "--latency-wait", "1", *args]
     if not wait:
-        return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=default_sigint)
     return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
 
 

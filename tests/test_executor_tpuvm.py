@@ -13,7 +13,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from tests.procs import alive
+from tests.procs import alive, default_sigint
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_BIN = REPO / "tests" / "fake_gcloud"
@@ -61,7 +61,8 @@ def run(wd: Path, root: Path, *args: str, wait=True):
     cmd = [sys.executable, "-m", "snakemake", "--executor", "tpu", "-j", "2", "--tpu-slices-config", "slices.yaml",
            "--latency-wait", "1", "--shared-fs-usage", "input-output", "persistence", "software-deployment", *args]
     if not wait:
-        return subprocess.Popen(cmd, cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(cmd, cwd=wd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=default_sigint)
     return subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True, timeout=180)
 
 
