@@ -8,9 +8,10 @@ pytest_plugins = ["tests.conftest_gcs"]
 # its module and session fixtures are built once per worker that runs it; the two modules that share
 # the demo workflow run go together, so that run is made once.
 SAME_WORKER = {"test_workflow_faults": "test_workflow"}
-# The longest modules start first, so no worker is left with one at the end (measured in CI: the
-# RL-learning, workflow and SFT modules take 3-7 minutes each on 2 cores).
-LONG_FIRST = ("test_rl_learning", "test_workflow", "test_sft", "test_tpu_profile", "test_kill_rerun")
+# The longest modules start first, so no worker is left with one at the end (measured in CI on 2
+# workers: 3-8 minutes each).
+LONG_FIRST = ("test_workflow", "test_sft", "test_kill_rerun", "test_tpu_profile", "test_rl_multihost",
+              "test_preemption", "test_recipes", "test_preset_1p5b")
 
 
 def pytest_collection_modifyitems(config, items):

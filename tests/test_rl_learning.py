@@ -71,6 +71,7 @@ def test_rl_raises_reward_on_its_prompts(tmp_path, rl_base):  # noqa: F811
     assert logged["valid/ndcg@10"] >= before["eval/ndcg@10"] - 0.05, (before, logged)
 
 
+@pytest.mark.slow  # 450 SFT + 100 RL steps: about 4 minutes on 2 idle cores
 def test_rl_raises_valid_ndcg_from_an_undertrained_sft(tmp_path):
     from trainer.data import readers as dt
     from trainer.train import sft

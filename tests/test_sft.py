@@ -78,6 +78,7 @@ def _free_port() -> int:
 # ----------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow  # 800 SFT steps: 2-3 minutes on 2 cores
 def test_sft_beats_popularity_threefold_on_valid(tmp_path):
     """The demo configs (800 AdamW steps; valid loss at 400 and 800 only) on the demo-sized synthetic
     data: constrained-beam HR@10 of sft_best on the whole valid split is at least 3x popularity's.
