@@ -20,8 +20,8 @@ eval program, against MLLM-JAX's measured 360 s.
 
 Caveats: costs come from the XLA CPU compiler's view of the program (its fusion and layouts, not
 TPU's). XLA's cost analysis counts a while/scan body once, not once per trip, so by default
-(`--cost unrolled`) FLOPs and bytes come from a second compile of the same program with the layer
-scan unrolled (`Qwen2ForCausalLM.unroll_layers`); memory and compile time stay those of the real,
+(`--cost unrolled`) FLOPs and bytes come from a second lowering and compile of the same program with
+the layer scan unrolled (`Qwen2ForCausalLM.unroll_layers`); memory and compile time stay those of the real,
 scanned program, and `scan_flops` keeps what the scanned program reports. Each line carries the
 analytic FLOPs next to the compiled ones. Nothing is measured on a TPU.
 """
@@ -196,10 +196,11 @@ def flops_and_bytes(compiled) -> tuple[float, float]:
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
-def measure(name: str, devices: int, fn, fargs, work: dict, mcfg: ModelConfig, cost_fn=None) -> dict:
-    """Compile `fn` for its memory and compile time; its cost from `cost_fn` (the unrolled twin) if given."""
-    # The decoders are module-level jits keyed on (graphdef, shapes), which do not carry the unroll
-    # flag: without a cleared cache a twin would reuse the scanned trace (and the reverse).
+def measure(name: str, devices: int, fn, fargs, work: dict, mcfg: ModelConfig, unrolled_cost: bool) -> dict:
+    """Compile `fn` for its memory and compile time; with `unrolled_cost`, its FLOPs/bytes from `fn`
+    traced again with the layers unrolled."""
+    # jit caches are keyed on (function, graphdef, shapes), which do not carry the unroll flag:
+    # without cleared caches the unrolled lowering would reuse the scanned trace (and the reverse).
     jax.clear_caches()
     t, cpu = time.perf_counter(), time.process_time()
     compiled = fn.lower(*fargs).compile()
@@ -207,11 +208,11 @@ def measure(name: str, devices: int, fn, fargs, work: dict, mcfg: ModelConfig, c
     mem = compiled.memory_analysis()
     scan_flops, scan_bytes = flops_and_bytes(compiled)
     flops, bytes_accessed = scan_flops, scan_bytes
-    if cost_fn is not None:
+    if unrolled_cost:
         Qwen2ForCausalLM.unroll_layers = True  # read while lower() traces
         jax.clear_caches()
         try:
-            flops, bytes_accessed = flops_and_bytes(cost_fn.lower(*fargs).compile())
+            flops, bytes_accessed = flops_and_bytes(fn.lower(*fargs).compile())
         finally:
             Qwen2ForCausalLM.unroll_layers = False
             jax.clear_caches()
@@ -226,7 +227,7 @@ def measure(name: str, devices: int, fn, fargs, work: dict, mcfg: ModelConfig, c
         "compile_cpu_s": round(compile_cpu_s, 2),
         "argument_bytes": arg, "output_bytes": outb, "alias_bytes": alias, "temp_bytes": temp,
         "peak_bytes": peak, "peak_gib": round(peak / 2**30, 3), "fits_32gib": peak <= HBM_GIB * 2**30,
-        "cost_from": "unrolled" if cost_fn is not None else "scanned", "scan_flops": scan_flops,
+        "cost_from": "unrolled" if unrolled_cost else "scanned", "scan_flops": scan_flops,
         "scan_bytes_accessed": scan_bytes,
         "flops": flops, "bytes_accessed": bytes_accessed, "analytic_flops": ideal_flops,
         "roofline_s": roofline_s, "bound_by": "flops" if flops / PEAK_FLOPS >= bytes_accessed / HBM_BW else "hbm",
@@ -267,14 +268,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
               "peak_flops_per_chip": PEAK_FLOPS, "hbm_bytes_per_s": HBM_BW, "load_avg": os.getloadavg()[0]}
     lines = [header]
     print(json.dumps(header), flush=True)
-    progs = programs(cfg_rl, cfg_sft, mcfg, table, args)
-    # the twins are fresh jitted functions (no trace cache shared with progs), traced unrolled in measure
-    twins = ({name: prog[1] for name, prog in programs(cfg_rl, cfg_sft, mcfg, table, args).items()}
-             if args.cost == "unrolled" else {})
-    for name, (devices, fn, fargs, work) in progs.items():
+    for name, (devices, fn, fargs, work) in programs(cfg_rl, cfg_sft, mcfg, table, args).items():
         if name not in args.programs.split(","):
             continue
-        line = measure(name, devices, fn, fargs, work, mcfg, cost_fn=twins.get(name))
+        line = measure(name, devices, fn, fargs, work, mcfg, unrolled_cost=args.cost == "unrolled")
         lines.append(line)
         print(json.dumps(line), flush=True)
     ev = next((l for l in lines if l.get("program") == "eval_beam"), None)
