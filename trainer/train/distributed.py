@@ -52,6 +52,8 @@ def env_int(name: str, default: int | None = None, minimum: int = 0) -> int:
     if value is None or value < minimum:
         raise UserError(f"environment variable {name}={text!r}: expected an integer >= {minimum}")
     return value
+
+
 JOIN_TIMEOUT_S = 300  # jax.distributed's own registration timeout, once the coordinator listens
 
 log = logging.getLogger("trainer")
@@ -65,14 +67,14 @@ def init_from_env() -> None:
     if _initialized:
         return
     num = env_int(ENV_NUM, 1, minimum=1)
-    env_int(ENV_TIMEOUT, 3600, minimum=1)  # followers wait this long for host 0; checked on every process
+    follower_timeout_s = env_int(ENV_TIMEOUT, 3600, minimum=1)  # followers wait this long for host 0; checked on every process
     if num > 1 or os.environ.get("TRAINER_TPU_AUTO_DISTRIBUTED") == "1":
         # CPU processes need a collectives implementation to talk to each other (ignored on TPU).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         if os.environ.get(ENV_COORD):
             pid = _process_id(num)
             if pid != 0:
-                wait_for_coordinator(os.environ[ENV_COORD], pid, env_int(ENV_TIMEOUT, 3600, minimum=1))
+                wait_for_coordinator(os.environ[ENV_COORD], pid, follower_timeout_s)
             jax.distributed.initialize(
                 coordinator_address=os.environ[ENV_COORD],
                 num_processes=num,
