@@ -132,10 +132,9 @@ def ideal(kind: str, m: ModelConfig, a: dict, devices: int) -> tuple[float, floa
 
 # ----------------------------------------------------------------------------- programs
 
-def programs(cfg_rl: dict, cfg_sft: dict, mcfg: ModelConfig, table: np.ndarray, args) -> dict:
+def programs(cfg_rl: dict, cfg_sft: dict, mcfg: ModelConfig, table: np.ndarray, args, train_devs, eval_devs) -> dict:
     """name -> (devices, jitted fn, abstract args, analytic parameters)."""
-    devs = jax.devices()
-    train_mesh = parallel.make_mesh(cfg_rl["mesh"], devs[:16])
+    train_mesh = parallel.make_mesh(cfg_rl["mesh"], train_devs)
     graphdef, params = abstract_model(mcfg)
     tx_sft, _, _ = build_optimizer(cfg_sft["train"]["optimizer"], int(cfg_sft["sft"]["steps"]))
     tx_rl, _, _ = build_optimizer(cfg_rl["train"]["optimizer"], int(cfg_rl["steps"]))
@@ -178,7 +177,7 @@ def programs(cfg_rl: dict, cfg_sft: dict, mcfg: ModelConfig, table: np.ndarray, 
     out["rl_update"] = (16, update_step, (rl_params, rl_opt, seqs), rl_work)
 
     # v6e-8: one process, 8 local chips; predict_sid_rows replicates the weights, shards the prompts.
-    eval_mesh = Mesh(np.array(devs[:8]), ("data",))
+    eval_mesh = Mesh(np.array(eval_devs), ("data",))
     erep, erows = NamedSharding(eval_mesh, P()), NamedSharding(eval_mesh, P("data"))
     e_params = jax.tree.map(lambda x: sds(x, erep), params)
     e_trie = jax.tree.map(lambda x: sds(x, erep), build_trie(table))
@@ -190,10 +189,29 @@ def programs(cfg_rl: dict, cfg_sft: dict, mcfg: ModelConfig, table: np.ndarray, 
     return out
 
 
-def flops_and_bytes(compiled) -> tuple[float, float]:
+def target_devices(target: str) -> tuple[list, list]:
+    """(16 train devices, 8 eval devices): virtual CPU devices, or the chips of a v6e-16 (4x4, four
+    hosts) and a v6e-8 (2x4) topology, which the TPU compiler targets without any TPU attached."""
+    if target == "tpu":
+        from jax.experimental import topologies
+        try:
+            return [topologies.get_topology_desc(platform="tpu", topology_name=name).devices
+                    for name in ("v6e:4x4", "v6e:2x4")]
+        except Exception as e:  # no libtpu: say how to get it
+            raise SystemExit(f"--target tpu: no TPU compiler ({type(e).__name__}: {e}); "
+                             "install libtpu (pip install libtpu==0.0.42.1, as jax[tpu]==0.10.2 pins)") from None
+    devs = jax.devices()
+    if len(devs) < 16:
+        raise SystemExit(f"needs 16 devices, got {len(devs)}: set XLA_FLAGS=--xla_force_host_platform_device_count=16")
+    return devs[:16], devs[:8]
+
+
+def flops_and_bytes(compiled) -> tuple[float, float, float | None]:
+    """FLOPs, bytes accessed and, from the TPU compiler only, its own cost model's seconds."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    optimal = cost.get("optimal_seconds")
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)), optimal and float(optimal)
 
 
 def measure(name: str, devices: int, fn, fargs, work: dict, mcfg: ModelConfig, unrolled_cost: bool) -> dict:
@@ -206,13 +224,13 @@ def measure(name: str, devices: int, fn, fargs, work: dict, mcfg: ModelConfig, u
     compiled = fn.lower(*fargs).compile()
     compile_s, compile_cpu_s = time.perf_counter() - t, time.process_time() - cpu  # CPU time: robust to load
     mem = compiled.memory_analysis()
-    scan_flops, scan_bytes = flops_and_bytes(compiled)
+    scan_flops, scan_bytes, optimal_s = flops_and_bytes(compiled)
     flops, bytes_accessed = scan_flops, scan_bytes
     if unrolled_cost:
         Qwen2ForCausalLM.unroll_layers = True  # read while lower() traces
         jax.clear_caches()
         try:
-            flops, bytes_accessed = flops_and_bytes(fn.lower(*fargs).compile())
+            flops, bytes_accessed, optimal_s = flops_and_bytes(fn.lower(*fargs).compile())
         finally:
             Qwen2ForCausalLM.unroll_layers = False
             jax.clear_caches()
@@ -232,6 +250,7 @@ def measure(name: str, devices: int, fn, fargs, work: dict, mcfg: ModelConfig, u
         "flops": flops, "bytes_accessed": bytes_accessed, "analytic_flops": ideal_flops,
         "roofline_s": roofline_s, "bound_by": "flops" if flops / PEAK_FLOPS >= bytes_accessed / HBM_BW else "hbm",
         "ideal_s": ideal_s, "roofline_over_ideal": roofline_s / ideal_s if ideal_s else None,
+        "xla_optimal_s": optimal_s,  # the TPU compiler's cost-model time (--target tpu only)
     }
 
 
@@ -248,10 +267,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--cost", choices=("unrolled", "scanned"), default="unrolled",
                    help="where FLOPs/bytes come from: an unrolled twin of each program (counts every layer; "
                         "a second compile) or the scanned program itself (XLA counts the layer body once)")
+    p.add_argument("--target", choices=("cpu", "tpu"), default="cpu",
+                   help="compile for virtual CPU devices, or for v6e topologies with the TPU compiler (needs "
+                        "libtpu: the `tpu` extra or `pip install libtpu==0.0.42.1`; no TPU needed)")
     p.add_argument("--out", default=None, help="also append the JSON lines to this file")
     args = p.parse_args(argv)
-    if len(jax.devices()) < 16:
-        raise SystemExit(f"needs 16 devices, got {len(jax.devices())}: set XLA_FLAGS=--xla_force_host_platform_device_count=16")
+    train_devs, eval_devs = target_devices(args.target)
 
     root = args.data_root or REPO / yaml.safe_load((REPO / "config/config.yaml").read_text())["data_root"]
     table, vocab, source = catalog(Path(root))
@@ -265,10 +286,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     header = {"bench": "scale_plan", "preset": str(PRESET.relative_to(REPO)), "vocab_size": vocab,
               "catalog": source, "num_sids": len(table), "params": sum(model_counts(mcfg)[k] for k in ("body", "embed")),
               "model": mcfg.to_dict(), "prompt_len": args.prompt_len, "jax": jax.__version__,
-              "peak_flops_per_chip": PEAK_FLOPS, "hbm_bytes_per_s": HBM_BW, "load_avg": os.getloadavg()[0]}
+              "peak_flops_per_chip": PEAK_FLOPS, "hbm_bytes_per_s": HBM_BW, "load_avg": os.getloadavg()[0],
+              "target": args.target, "device_kind": train_devs[0].device_kind}
     lines = [header]
     print(json.dumps(header), flush=True)
-    for name, (devices, fn, fargs, work) in programs(cfg_rl, cfg_sft, mcfg, table, args).items():
+    for name, (devices, fn, fargs, work) in programs(cfg_rl, cfg_sft, mcfg, table, args, train_devs, eval_devs).items():
         if name not in args.programs.split(","):
             continue
         line = measure(name, devices, fn, fargs, work, mcfg, unrolled_cost=args.cost == "unrolled")
