@@ -2,6 +2,7 @@
 
     python bench/scale_plan.py [--programs sft_step,rl_rollout,rl_ref_logprobs,rl_update,eval_beam]
                                [--prompt-len 160] [--eval-batch 64] [--num-layers 28] [--out FILE]
+                               [--target cpu|tpu]
 
 Each program is the trainer's own jitted function (trainer.train.sft.make_steps, trainer.rl.update,
 trainer.rl.rollout, trainer.decode.beam.constrained_beam_search), lowered on ShapeDtypeStructs that
@@ -9,6 +10,8 @@ carry the shardings `trainer.rl.loop` / `trainer.eval.evaluate` give the real ar
 for virtual CPU meshes (`--xla_force_host_platform_device_count=16`): the v6e-16 train slice
 (16 chips, FSDP over all of them, as config/trainer/qwen2.5-1.5b/base.yaml sets) and the v6e-8
 eval host (8 chips, batch sharded, weights replicated, as predict_sid_rows places them).
+`--target tpu` compiles the same programs with the TPU compiler instead, for a v6e:4x4 and a v6e:2x4
+topology (libtpu's own description of those slices; no TPU needs to be attached).
 
 One JSON line per program: per-device argument / output / alias / temp bytes (memory_analysis),
 FLOPs and bytes accessed per device (cost_analysis), compile seconds, and a v6e roofline:
@@ -18,12 +21,12 @@ once per forward pass, plus the prompt's KV cache once per decode step). A last 
 full Office test eval (4,866 rows, 50 beams) on a v6e-8: ceil(4866 / eval batch) calls of the
 eval program, against MLLM-JAX's measured 360 s.
 
-Caveats: costs come from the XLA CPU compiler's view of the program (its fusion and layouts, not
-TPU's). XLA's cost analysis counts a while/scan body once, not once per trip, so by default
-(`--cost unrolled`) FLOPs and bytes come from a second lowering and compile of the same program with
+Caveats: with `--target cpu` costs come from the XLA CPU compiler's view of the program (its
+fusion and layouts, not TPU's); `--target tpu` gives the TPU compiler's. XLA's cost analysis
+counts a while/scan body once, not once per trip, so by default (`--cost unrolled`) FLOPs and bytes come from a second lowering and compile of the same program with
 the layer scan unrolled (`Qwen2ForCausalLM.unroll_layers`); memory and compile time stay those of the real,
 scanned program, and `scan_flops` keeps what the scanned program reports. Each line carries the
-analytic FLOPs next to the compiled ones. Nothing is measured on a TPU.
+analytic FLOPs next to the compiled ones. Nothing runs on a TPU: these are compile-time figures.
 """
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ from trainer.config import load_config  # noqa: E402
 from trainer.data import readers  # noqa: E402
 from trainer.decode.beam import constrained_beam_search  # noqa: E402
 from trainer.decode.trie import build_trie  # noqa: E402
-from trainer.model.qwen2 import ModelConfig, Qwen2ForCausalLM, build_model  # noqa: E402
+from trainer.model.qwen2 import ModelConfig, Qwen2ForCausalLM, build_model, matmul_weights_in_compute_dtype  # noqa: E402
 from trainer.rl import rollout, update  # noqa: E402
 from trainer.train import parallel, sft  # noqa: E402
 from trainer.train.optim import build_optimizer  # noqa: E402
@@ -179,7 +182,8 @@ def programs(cfg_rl: dict, cfg_sft: dict, mcfg: ModelConfig, table: np.ndarray, 
     # v6e-8: one process, 8 local chips; predict_sid_rows replicates the weights, shards the prompts.
     eval_mesh = Mesh(np.array(eval_devs), ("data",))
     erep, erows = NamedSharding(eval_mesh, P()), NamedSharding(eval_mesh, P("data"))
-    e_params = jax.tree.map(lambda x: sds(x, erep), params)
+    # as trainer.eval.evaluate loads them: Linear weights stored in the compute dtype
+    e_params = matmul_weights_in_compute_dtype(jax.tree.map(lambda x: sds(x, erep), params), mcfg)
     e_trie = jax.tree.map(lambda x: sds(x, erep), build_trie(table))
     eb, beams = args.eval_batch, int(cfg_rl["eval"]["num_beams"])
     e_prompts = rows_spec((eb, p), jnp.int32, erows)

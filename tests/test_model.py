@@ -1,6 +1,7 @@
 """trainer.model.qwen2 without torch: config, param layout, causality, left padding, shared-prefix KV cache, beam reorder."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -207,3 +208,33 @@ def test_unrolled_layers_same_logits_and_cost_counts_every_layer():
     # 4 layers hold nearly all the work at this vocabulary: counted once vs four times
     assert 3.0 < flops[1] / flops[0] < 4.5, flops
     np.testing.assert_allclose(np.asarray(unrolled_fn(state, ids)), np.asarray(scanned_fn(state, ids)), atol=1e-5)
+
+
+def test_eval_casts_matmul_weights_once_with_bit_identical_logits(model):
+    """Eval stores Linear kernels/biases in the compute dtype (half the reads of fp32 masters); every
+    matmul cast them to it anyway, so logits are bit-identical. Norms and the embedding stay fp32."""
+    from trainer.model.qwen2 import matmul_weights_in_compute_dtype
+
+    cfg = dataclasses.replace(CFG, dtype="bfloat16")  # bf16 compute over fp32 master weights
+    masters = params_dict(model)  # the module fixture's randomised fp32 params, biases included
+    cast = matmul_weights_in_compute_dtype(masters, cfg)
+    assert cast["layers"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    assert cast["layers"]["self_attn"]["q_proj"]["bias"].dtype == jnp.bfloat16
+    assert cast["layers"]["input_layernorm"]["weight"].dtype == jnp.float32
+    assert cast["embed_tokens"]["embedding"].dtype == jnp.float32
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (3, 9)), jnp.int32)
+    mask = jnp.ones_like(ids).at[0, :4].set(0)  # a left-padded row too
+    for params in (masters, cast):
+        m = build_model(cfg, seed=0)
+        state = nnx.state(m, nnx.Param)
+        state.replace_by_pure_dict(params)
+        nnx.update(m, state)
+        full, (last, _) = run(m, ids, mask), jax.jit(lambda m, i, k: m.prefill(i, k))(m, ids, mask)
+        if params is masters:
+            want_full, want_last = full, np.asarray(last)
+    np.testing.assert_array_equal(full, want_full)
+    np.testing.assert_array_equal(np.asarray(last), want_last)
+    # only ever narrows: an fp32 compute model keeps a bf16 checkpoint's bytes
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), masters)
+    kept = matmul_weights_in_compute_dtype(bf16, CFG)
+    assert kept["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16

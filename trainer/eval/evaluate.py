@@ -35,7 +35,7 @@ from trainer.decode.beam import check_num_beams, compiled_programs, constrained_
 from trainer.errors import PredictionError, UserError
 from trainer.io_utils import atomic_write_json, md5_file, setup_logging
 from trainer.eval.metrics import compute_metrics
-from trainer.model.qwen2 import ModelConfig, build_model
+from trainer.model.qwen2 import ModelConfig, build_model, matmul_weights_in_compute_dtype
 from trainer.decode.trie import SidTrie, build_trie
 from trainer.train.train_state import PREVIOUS_DIR, retire_outputs
 
@@ -179,6 +179,7 @@ def _load_inputs(args) -> dict:
     sid_table = sid_token_table(tok, catalog.sids)
     check_num_beams(build_trie(sid_table), int(ev["num_beams"]))
     model_cfg, params = resolve.load_checkpoint(args.checkpoint, cfg["model"], len(tok))  # the checkpoint's model
+    params = matmul_weights_in_compute_dtype(params, model_cfg)  # same scores, half the weight reads in bf16
     texts, prompts = encode_prompts(tok, examples, cfg["data"]["max_prompt_len"], ev["prompt"])
     return {
         "cfg": cfg, "model_cfg": model_cfg.to_dict(), "params": params,

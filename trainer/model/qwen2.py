@@ -371,6 +371,26 @@ def param_count(model: nnx.Module) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def matmul_weights_in_compute_dtype(params: dict, cfg: ModelConfig) -> dict:
+    """For inference: Linear kernels and biases cast once to the compute dtype `cfg.dtype`.
+
+    Every matmul casts them to that dtype anyway (nnx.Linear promotes its operands to `dtype`), so
+    outputs are bit-identical while each decoder pass reads half the bytes of fp32 master weights.
+    Norm weights (applied in fp32) and the embedding (the fp32 logits read it) keep their dtype.
+    Works on arrays and ShapeDtypeStructs alike. Training must keep updating the masters instead.
+    """
+    dtype = jnp.dtype(cfg.dtype)
+
+    def cast(path, x):
+        if getattr(path[-1], "key", None) not in ("kernel", "bias") or jnp.dtype(x.dtype).itemsize <= dtype.itemsize:
+            return x  # only ever narrows: a bf16 checkpoint under fp32 compute stays bf16 in memory
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 def params_dict(model: nnx.Module) -> dict[str, Any]:
     """The parameter pytree as nested plain dicts (the msgpack checkpoint layout)."""
     return nnx.state(model, nnx.Param).to_pure_dict()
