@@ -23,10 +23,11 @@ eval program, against MLLM-JAX's measured 360 s.
 
 Caveats: with `--target cpu` costs come from the XLA CPU compiler's view of the program (its
 fusion and layouts, not TPU's); `--target tpu` gives the TPU compiler's. XLA's cost analysis
-counts a while/scan body once, not once per trip, so by default (`--cost unrolled`) FLOPs and bytes come from a second lowering and compile of the same program with
-the layer scan unrolled (`Qwen2ForCausalLM.unroll_layers`); memory and compile time stay those of the real,
-scanned program, and `scan_flops` keeps what the scanned program reports. Each line carries the
-analytic FLOPs next to the compiled ones. Nothing runs on a TPU: these are compile-time figures.
+counts a while/scan body once, not once per trip, so by default (`--cost unrolled`) FLOPs and
+bytes come from a second lowering and compile of the same program with the layer scan unrolled
+(`Qwen2ForCausalLM.unroll_layers`); memory and compile time stay those of the real, scanned
+program, and `scan_flops` keeps what the scanned program reports. Each line carries the analytic
+FLOPs next to the compiled ones. Nothing runs on a TPU: these are compile-time figures.
 """
 from __future__ import annotations
 

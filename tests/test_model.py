@@ -224,16 +224,17 @@ def test_eval_casts_matmul_weights_once_with_bit_identical_logits(model):
     assert cast["embed_tokens"]["embedding"].dtype == jnp.float32
     ids = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (3, 9)), jnp.int32)
     mask = jnp.ones_like(ids).at[0, :4].set(0)  # a left-padded row too
-    for params in (masters, cast):
+
+    def logits(params):  # full-sequence logits and the prefill's last-position logits
         m = build_model(cfg, seed=0)
         state = nnx.state(m, nnx.Param)
         state.replace_by_pure_dict(params)
         nnx.update(m, state)
-        full, (last, _) = run(m, ids, mask), jax.jit(lambda m, i, k: m.prefill(i, k))(m, ids, mask)
-        if params is masters:
-            want_full, want_last = full, np.asarray(last)
-    np.testing.assert_array_equal(full, want_full)
-    np.testing.assert_array_equal(np.asarray(last), want_last)
+        last, _ = jax.jit(lambda m, i, k: m.prefill(i, k))(m, ids, mask)
+        return run(m, ids, mask), np.asarray(last)
+
+    for got, want in zip(logits(cast), logits(masters)):
+        np.testing.assert_array_equal(got, want)
     # only ever narrows: an fp32 compute model keeps a bf16 checkpoint's bytes
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), masters)
     kept = matmul_weights_in_compute_dtype(bf16, CFG)
