@@ -14,10 +14,13 @@ eval host (8 chips, batch sharded, weights replicated, as predict_sid_rows place
 topology (libtpu's own description of those slices; no TPU needs to be attached).
 
 One JSON line per program: per-device argument / output / alias / temp bytes (memory_analysis),
-FLOPs and bytes accessed per device (cost_analysis), compile seconds, and a v6e roofline:
-    roofline_s = max(flops / 918e12, bytes_accessed / 1.64e12)     (per chip: bf16 peak, HBM)
+FLOPs and bytes accessed per device (cost_analysis), HBM traffic of the compiled program
+(`hbm_bytes`, bench/hlo_traffic.py), compile seconds, and a v6e roofline:
+    roofline_s = max(flops / 918e12, hbm_bytes / 1.64e12)     (per chip: bf16 peak, HBM)
 beside ideal_s, the same roofline for the work the step cannot avoid (model FLOPs; weights read
-once per forward pass, plus the prompt's KV cache once per decode step). A last line projects the
+once per forward pass, plus the prompt's KV cache once per decode step). `roofline_xla_bytes_s`
+uses XLA's `bytes_accessed` instead, which counts whole buffers where the program slices them (a
+layer's weights out of the stacked ones) or updates them in place. A last line projects the
 full Office test eval (4,866 rows, 50 beams) on a v6e-8: ceil(4866 / eval batch) calls of the
 eval program, against MLLM-JAX's measured 360 s.
 
@@ -26,7 +29,9 @@ fusion and layouts, not TPU's); `--target tpu` gives the TPU compiler's. XLA's c
 counts a while/scan body once, not once per trip, so by default (`--cost unrolled`) FLOPs and
 bytes come from a second lowering and compile of the same program with the layer scan unrolled
 (`Qwen2ForCausalLM.unroll_layers`); memory and compile time stay those of the real, scanned
-program, and `scan_flops` keeps what the scanned program reports. Each line carries the analytic
+program, and `scan_flops` keeps what the scanned program reports; `hbm_bytes` is always the scanned
+program's, every trip counted (the unrolled twin copies each layer's slice of the stacked weights
+before using it, traffic the real program does not have). Each line carries the analytic
 FLOPs next to the compiled ones. Nothing runs on a TPU: these are compile-time figures.
 """
 from __future__ import annotations
@@ -54,10 +59,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from hlo_traffic import ranked_bytes  # noqa: E402  (bench/, beside this script)
 from trainer.config import load_config  # noqa: E402
 from trainer.data import readers  # noqa: E402
 from trainer.decode.beam import constrained_beam_search  # noqa: E402
-from trainer.decode.trie import build_trie  # noqa: E402
+from trainer.decode.trie import LEVELS, build_trie  # noqa: E402
 from trainer.model.qwen2 import ModelConfig, Qwen2ForCausalLM, build_model, matmul_weights_in_compute_dtype  # noqa: E402
 from trainer.rl import rollout, update  # noqa: E402
 from trainer.train import parallel, sft  # noqa: E402
@@ -126,9 +132,12 @@ def ideal(kind: str, m: ModelConfig, a: dict, devices: int) -> tuple[float, floa
     w = (c["body"] + c["embed"]) * jnp.dtype(m.dtype).itemsize  # weights as the matmuls read them
     p, kvb = a["prompt_len"], c["kv_bytes_per_token"]
     if kind in ("eval_beam", "rl_rollout"):
-        b, k = a["rows"] // devices, a["beams"]
-        flops = forward_flops(m, c, b, p, p, b) + sum(forward_flops(m, c, b * k, 1, p + s, b * k) for s in range(1, 4))
-        return flops, 4 * w + b * p * kvb * 4  # 4 passes over the weights; prompt KV written, read 3x
+        # One prefill, then a decode step per generated token but the last: a, b, c and the newline are
+        # fed back (the newline's step scores EOS, which upstream's beam score includes): 5 passes.
+        b, k, steps = a["rows"] // devices, a["beams"], LEVELS + 1
+        flops = forward_flops(m, c, b, p, p, b) + sum(forward_flops(m, c, b * k, 1, p + s, b * k)
+                                                      for s in range(1, steps + 1))
+        return flops, (1 + steps) * w + b * p * kvb * (1 + steps)  # prompt KV written once, read per step
     t, n, passes = a["seq_len"], a["rows"] // devices, (3 if kind in ("sft_step", "rl_update") else 1)
     flops = passes * forward_flops(m, c, n, t, t, n * a["resp"])
     return flops, passes * w  # forward (+ backward: 2x) of the local batch; weights gathered per pass
@@ -229,6 +238,7 @@ def measure(name: str, devices: int, fn, fargs, work: dict, mcfg: ModelConfig, u
     compiled = fn.lower(*fargs).compile()
     compile_s, compile_cpu_s = time.perf_counter() - t, time.process_time() - cpu  # CPU time: robust to load
     mem = compiled.memory_analysis()
+    hbm = ranked_bytes(compiled.as_text())[1]  # the real (scanned) program's traffic, every trip counted
     scan_flops, scan_bytes, optimal_s = flops_and_bytes(compiled)
     flops, bytes_accessed = scan_flops, scan_bytes
     if unrolled_cost:
@@ -242,7 +252,7 @@ def measure(name: str, devices: int, fn, fargs, work: dict, mcfg: ModelConfig, u
     arg, outb, alias, temp = (int(getattr(mem, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp"))
     peak = arg + outb - alias + temp
     ideal_flops, ideal_bytes = ideal(name, mcfg, work, devices)
-    roofline_s = max(flops / PEAK_FLOPS, bytes_accessed / HBM_BW)
+    roofline_s = max(flops / PEAK_FLOPS, hbm / HBM_BW)
     ideal_s = max(ideal_flops / PEAK_FLOPS, ideal_bytes / HBM_BW)
     return {
         "bench": "scale_plan", "program": name, "slice": "v6e-16" if devices == 16 else "v6e-8", "devices": devices,
@@ -252,8 +262,9 @@ def measure(name: str, devices: int, fn, fargs, work: dict, mcfg: ModelConfig, u
         "peak_bytes": peak, "peak_gib": round(peak / 2**30, 3), "fits_32gib": peak <= HBM_GIB * 2**30,
         "cost_from": "unrolled" if unrolled_cost else "scanned", "scan_flops": scan_flops,
         "scan_bytes_accessed": scan_bytes,
-        "flops": flops, "bytes_accessed": bytes_accessed, "analytic_flops": ideal_flops,
-        "roofline_s": roofline_s, "bound_by": "flops" if flops / PEAK_FLOPS >= bytes_accessed / HBM_BW else "hbm",
+        "flops": flops, "bytes_accessed": bytes_accessed, "hbm_bytes": hbm, "analytic_flops": ideal_flops,
+        "roofline_s": roofline_s, "bound_by": "flops" if flops / PEAK_FLOPS >= hbm / HBM_BW else "hbm",
+        "roofline_xla_bytes_s": max(flops / PEAK_FLOPS, bytes_accessed / HBM_BW),
         "ideal_s": ideal_s, "roofline_over_ideal": roofline_s / ideal_s if ideal_s else None,
         "xla_optimal_s": optimal_s,  # the TPU compiler's cost-model time (--target tpu only)
     }

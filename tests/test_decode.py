@@ -173,3 +173,16 @@ def test_constrained_sample_is_valid_and_follows_the_model(model, table, prompts
     cold = np.asarray(constrained_sample(model, ids[:1], mask[:1], trie, 8, NEWLINE, jax.random.key(1),
                                          temperature=1e-4)[0])
     assert len(set(cold[0].tolist())) == 1
+
+
+def test_gathered_log_probs_are_log_softmax_bit_for_bit():
+    """Decoding reads log-probs only at the trie's tokens (no [B, K, V] array): the same bits as
+    jax.nn.log_softmax over the full vocabulary, then the gather, including -inf logits."""
+    from trainer.decode.beam import _logp_at, _logp_of
+
+    logits = jax.random.normal(jax.random.key(3), (3, 5, 4099), jnp.float32) * 7.0
+    logits = logits.at[0, 0, :17].set(-jnp.inf)
+    idx = jax.random.randint(jax.random.key(4), (3, 5, 64), 0, 4099)
+    full = jax.nn.log_softmax(logits, axis=-1)
+    np.testing.assert_array_equal(jax.jit(_logp_at)(logits, idx), jnp.take_along_axis(full, idx, axis=-1))
+    np.testing.assert_array_equal(jax.jit(_logp_of, static_argnums=1)(logits, 4098), full[..., 4098])

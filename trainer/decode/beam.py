@@ -31,8 +31,21 @@ from trainer.decode.trie import LEVELS, SidTrie, children
 NEG_INF = -jnp.inf
 
 
-def _log_softmax(logits):
-    return jax.nn.log_softmax(logits, axis=-1)
+def _logp_at(logits, idx):
+    """log_softmax(logits, -1) at the vocabulary entries `idx` (take_along_axis on the last axis).
+
+    The full [..., V] log-prob array is never materialised (a 152k-token vocabulary makes it the
+    largest tensor of a decode step): only the row's max and log-sum-exp are reduced over V, then
+    the gathered entries shifted, with jax.nn.log_softmax's own arithmetic, so the same bits.
+    """
+    top = jnp.max(logits, axis=-1, initial=-jnp.inf, keepdims=True)
+    log_sum = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1, keepdims=True))
+    return (jnp.take_along_axis(logits, idx, axis=-1) - top) - log_sum
+
+
+def _logp_of(logits, token_id: int):
+    """log_softmax(logits, -1)[..., token_id] for one fixed token (the newline, EOS)."""
+    return _logp_at(logits, jnp.full(logits.shape[:-1] + (1,), token_id, jnp.int32))[..., 0]
 
 
 def _top_k(x: jax.Array, k: int):
@@ -49,12 +62,12 @@ def _beam_search(graphdef, state, prompt_ids, prompt_mask, trie: SidTrie, num_be
     b, k = prompt_ids.shape[0], num_beams
     logits, prompt = model.prefill(prompt_ids, prompt_mask)  # the prompt's K/V once, shared by its K beams
     gen = init_gen_cache(model.cfg, b, k, LEVELS + 1)  # each beam's a, b, c and newline
-    logp = _log_softmax(logits)[:, None, :]  # [B, 1, V]: one live beam per prompt before the first token
+    logits = logits[:, None, :]  # [B, 1, V]: one live beam per prompt before the first token
     node = jnp.zeros((b, 1), jnp.int32)
     score = jnp.zeros((b, 1), jnp.float32)
     for level in range(LEVELS):
         tok, nxt, valid = children(trie, level, node)  # [B, K_in, W]
-        cand = jnp.take_along_axis(logp, tok, axis=-1) + score[..., None]
+        cand = _logp_at(logits, tok) + score[..., None]
         # -inf for padding slots and for descendants of dead (-inf) beams: no duplicates, ever.
         cand = jnp.where(valid, cand, NEG_INF).reshape(b, -1)
         score, flat = _top_k(cand, k)  # [B, K]
@@ -63,14 +76,13 @@ def _beam_search(graphdef, state, prompt_ids, prompt_mask, trie: SidTrie, num_be
         node = jnp.take_along_axis(nxt.reshape(b, -1), flat, axis=1)
         if level > 0:  # level 0: every beam extends the same (empty) prefix
             gen = reorder_rows(gen, flat // tok.shape[2])
-        logits, gen = model.decode(token, prompt, gen, level)
-        logp = _log_softmax(logits)  # [B, K, V]
+        logits, gen = model.decode(token, prompt, gen, level)  # [B, K, V]
     # The forced newline and EOS count in the score, as in upstream's generate to EOS. They prune
     # nothing (one allowed token per beam), so the K beams chosen at the last code stay; only
     # their order changes.
-    score = score + logp[:, :, newline_id]
+    score = score + _logp_of(logits, newline_id)
     logits, _ = model.decode(jnp.full((b, k), newline_id, jnp.int32), prompt, gen, LEVELS)
-    score = score + _log_softmax(logits)[:, :, eos_id]
+    score = score + _logp_of(logits, eos_id)
     score, order = jax.lax.top_k(score, k)
     return jnp.take_along_axis(node, order, axis=1), score
 
@@ -146,12 +158,12 @@ def _sample(graphdef, state, prompt_ids, prompt_mask, trie: SidTrie, rng, temper
     b, g = prompt_ids.shape[0], num_samples
     logits, prompt = model.prefill(prompt_ids, prompt_mask)  # shared by the prompt's G samples
     gen = init_gen_cache(model.cfg, b, g, LEVELS)
-    logp = jnp.broadcast_to(_log_softmax(logits)[:, None], (b, g, logits.shape[-1]))  # [B, G, V]
+    logits = jnp.broadcast_to(logits[:, None], (b, g, logits.shape[-1]))  # [B, G, V]
     node = jnp.zeros((b, g), jnp.int32)
     token_logp, codes = [], []
     for level, key in enumerate(jax.random.split(rng, LEVELS)):
         tok, nxt, valid = children(trie, level, node)  # [B, G, W]
-        child_logp = jnp.take_along_axis(logp, tok, axis=-1)
+        child_logp = _logp_at(logits, tok)
         # Sample among the node's children only; log_softmax over the vocab is a per-row shift,
         # so this is the model's distribution at `temperature` restricted to the trie.
         pick = jax.random.categorical(key, jnp.where(valid, child_logp / temperature, NEG_INF), axis=-1)
@@ -160,8 +172,7 @@ def _sample(graphdef, state, prompt_ids, prompt_mask, trie: SidTrie, rng, temper
         token_logp.append(jnp.take_along_axis(child_logp, pick[..., None], axis=-1)[..., 0])
         codes.append(token)
         logits, gen = model.decode(token, prompt, gen, level)
-        logp = _log_softmax(logits)
-    token_logp.append(logp[..., newline_id])
+    token_logp.append(_logp_of(logits, newline_id))
     return node, jnp.stack(codes, -1), jnp.stack(token_logp, -1)
 
 
