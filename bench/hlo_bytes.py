@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
     p.add_argument("--target", choices=("cpu", "tpu"), default="cpu")
     p.add_argument("--which", choices=("scanned", "unrolled"), default="scanned")
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--dump", default=None, help="also write the optimized HLO text to DUMP.{scanned,unrolled}.hlo")
+    p.add_argument("--dump", default=None, help="also write the ranked program's optimized HLO text to DUMP.<which>.hlo")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="extra preset override key=value")
     args = p.parse_args(argv)
     plan = ["--programs", args.program, "--target", args.target, "--cost", args.which]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import re
+
 import numpy as np
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
@@ -168,7 +169,8 @@ def ranked_bytes(text: str) -> tuple[list[tuple[str, int, int]], int]:
             moved = hlo.moved(result, opcode, operands, line) * trips
             if not moved:
                 continue
-            key = f"{hlo.source(line)} {opcode} {_ARRAY.search(result).group(0) if _ARRAY.search(result) else ''}"
+            shape = _ARRAY.search(result)
+            key = f"{hlo.source(line)} {opcode} {shape.group(0) if shape else ''}"
             by_source[key] += moved
             counts[key] += trips
             total += moved

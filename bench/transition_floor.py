@@ -14,13 +14,13 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.data import readers  # noqa: E402
+from trainer.eval.metrics import compute_metrics  # noqa: E402
 
 
 def transition_scores(train: list[readers.Example], window: int) -> dict[str, collections.Counter]:
@@ -56,15 +56,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         train = readers.read_split(d, "train", catalog, args.max_history)
         test = readers.read_split(d, "test", catalog, args.max_history)
         follows, popular = transition_scores(train, args.window), readers.popularity_ranking(train)
-        hits = []
-        for ex in test:
-            top = ranked(list(ex.history_sids), follows, popular, args.window, args.k)
-            if ex.target_sid in top:
-                hits.append(top.index(ex.target_sid))
+        records = [{"predict": ranked(list(ex.history_sids), follows, popular, args.window, args.k),
+                    "output": ex.target_sid} for ex in test]
+        scores = compute_metrics(records, set(catalog.sids))  # the workflow's own HR@K / NDCG@K
         pop = readers.popularity_baseline(train, test, args.k)
         line = {"bench": "transition_floor", "data": d, "test_rows": len(test), "window": args.window,
-                f"hr@{args.k}": len(hits) / len(test),
-                f"ndcg@{args.k}": sum(1 / math.log2(r + 2) for r in hits) / len(test),
+                f"hr@{args.k}": scores[f"eval/hr@{args.k}"], f"ndcg@{args.k}": scores[f"eval/ndcg@{args.k}"],
                 f"popularity_hr@{args.k}": pop["hr"], f"popularity_ndcg@{args.k}": pop["ndcg"]}
         lines.append(line)
         print(json.dumps(line), flush=True)
