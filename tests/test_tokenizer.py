@@ -142,3 +142,22 @@ def test_newline_must_be_one_token():
 def test_load_tokenizer_missing_dir(tmp_path):
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         T.load_tokenizer(tmp_path)
+
+
+def test_merge_across_spaces_shortens_prompts_and_keeps_the_format(corpus, tmp_path):
+    cat, rows, texts = corpus
+    words = T.train_bpe_tokenizer(texts, cat.sids, vocab_size=600)
+    tok = T.train_bpe_tokenizer(texts, cat.sids, vocab_size=600, merge_across_spaces=True)
+    T.save_tokenizer(tok, tmp_path)
+    loaded = T.load_tokenizer(tmp_path)  # the saved pre-tokenizer keeps merging across spaces
+    prompt = prompts.sequential_prompt(rows[0].history_sids)
+    ids = T.encode_prompt(loaded, prompt, 10_000)
+    assert ids == T.encode_prompt(tok, prompt, 10_000)
+    # The fixed wording shrinks to a few tokens; every history SID is still three code tokens.
+    assert len(ids) * 2 < len(T.encode_prompt(words, prompt, 10_000))
+    assert loaded.decode(ids) == prompt.text
+    codes = [t for t in loaded.convert_ids_to_tokens(ids) if t.startswith("<")]
+    assert codes == [c for s in rows[0].history_sids for c in data.split_sid(s)]
+    table, nl = T.sid_token_table(loaded, cat.sids), T.newline_id(loaded)
+    both = loaded.encode(prompt.text + prompts.response_text(cat.sids[3]), add_special_tokens=False)
+    assert both[-4:] == [*table[3].tolist(), nl]

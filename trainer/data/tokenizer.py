@@ -31,16 +31,20 @@ def _code_added_tokens(codes: Sequence[str]) -> list[AddedToken]:
             for c in codes]
 
 
-def train_bpe_tokenizer(texts: Iterable[str], sids: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+def train_bpe_tokenizer(texts: Iterable[str], sids: Iterable[str], vocab_size: int,
+                        merge_across_spaces: bool = False) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` and add every SID code as a whole token.
 
     `vocab_size` counts the BPE vocabulary (256 bytes + EOS + merges); the code tokens come on top.
+    `merge_across_spaces` drops the GPT-2 word split, so text repeated in every prompt (the header
+    and instructions) is learned as a handful of long tokens: a from-scratch model then spends its
+    compute on the history instead of on the fixed wording.
     """
     if vocab_size < 258:
         raise DataError(f"tokenizer.bpe_vocab_size must be >= 258 (256 bytes + EOS + 1 merge), got {vocab_size}")
     codes = code_tokens(sids)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not merge_across_spaces)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

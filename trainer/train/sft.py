@@ -67,7 +67,8 @@ def build_tokenizer(cfg: dict, catalog, texts: list[str]):
         tok = tk.load_tokenizer(cfg["tokenizer"]["path"])
         tk.add_sid_tokens(tok, catalog.sids)
         return tok
-    return tk.train_bpe_tokenizer(texts, catalog.sids, cfg["tokenizer"]["bpe_vocab_size"])
+    return tk.train_bpe_tokenizer(texts, catalog.sids, cfg["tokenizer"]["bpe_vocab_size"],
+                                  cfg["tokenizer"]["bpe_merge_across_spaces"])
 
 
 def encode_samples(tok, samples, sid_table, sid_pos: dict, max_prompt_len: int):
