@@ -110,6 +110,27 @@ def test_left_padding_matches_unpadded(model):
         np.testing.assert_allclose(padded[0, 3:], alone[0], atol=1e-5)
 
 
+def test_dropout_only_with_a_key_and_the_same_masks_for_the_same_key(model):
+    """SFT's regularizer: no key (every eval, decode and RL pass) is the plain forward pass; a key
+    drops the embedding and residual branches, deterministically per key (a resumed run redraws
+    the same masks)."""
+    ids = jnp.asarray([[5, 9, 2, 33, 8, 1, 4]])
+    mask = jnp.ones_like(ids)
+    fwd = nnx.jit(lambda m, key, rate: m.hidden_states(ids, mask, rate, key), static_argnums=2)
+    plain = np.asarray(fwd(model, None, 0.0))
+    np.testing.assert_allclose(np.asarray(fwd(model, None, 0.5)), plain)
+    np.testing.assert_allclose(np.asarray(fwd(model, jax.random.key(0), 0.0)), plain)
+    a, a_again, b = (np.asarray(fwd(model, jax.random.key(k), 0.5)) for k in (0, 0, 1))
+    np.testing.assert_array_equal(a, a_again)
+    assert np.abs(a - plain).max() > 1e-2 and np.abs(a - b).max() > 1e-2
+
+    from trainer.model.qwen2 import dropout
+    x = jnp.ones((200, 100))
+    dropped = np.asarray(dropout(x, 0.3, jax.random.key(2)))
+    assert np.unique(dropped) == pytest.approx([0.0, 1 / 0.7])  # kept values scaled up
+    assert abs((dropped == 0).mean() - 0.3) < 0.02
+
+
 def test_bf16_compute_runs_close_to_fp32(model):
     cfg = ModelConfig(**{**CFG.to_dict(), "dtype": "bfloat16"})
     m16 = build_model(cfg)

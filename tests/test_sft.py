@@ -176,6 +176,19 @@ def test_summary_records_the_optimizer_built(reference, killed):
     assert "mu" in text and "nu" not in text
 
 
+def test_dropout_trains_differently_and_reproducibly(small, reference, tmp_path):
+    """sft.dropout reaches the training pass (the curves leave the reference's) and, the masks
+    coming from the seed and the step, two runs of the same config write the same best."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out in runs:
+        assert cli_main(sft_argv(small / "data", out, *SMALL, "sft.dropout=0.3")) == 0
+    curves = [summary_of(out)["curves"] for out in runs]
+    assert curves[0] == curves[1]
+    assert md5_file(runs[0] / "sft_best.msgpack") == md5_file(runs[1] / "sft_best.msgpack")
+    ref = summary_of(reference)["curves"]
+    assert [c["train/loss"] for c in curves[0]] != pytest.approx([c["train/loss"] for c in ref])
+
+
 def _key_tree(tree) -> list:
     if isinstance(tree, dict):
         return [[k, _key_tree(v)] for k, v in tree.items()]
@@ -255,6 +268,7 @@ def test_batch_larger_than_data_is_a_config_error(small, tmp_path, capsys):
     ("sft.best_metric=valid/hr@7", r"valid/hr@K or valid/ndcg@K with K in \[1, 3, 5, 10, 20, 50\]"),
     ("sft.best_metric=valid/hr@50", r"sft.best_metric=50 but the catalog has only 24 distinct SIDs"),
     ("sft.eval_every=0", r"'sft.eval_every' must be a number > 0, got 0$"),
+    ("sft.dropout=1", r"sft.dropout=1.0: must be at least 0 and below 1"),
 ])
 def test_bad_settings_are_config_errors(small, tmp_path, setting, message):
     from trainer.train import sft

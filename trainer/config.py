@@ -87,6 +87,7 @@ DEFAULTS: dict[str, Any] = {
         "epochs": None,  # set: steps = epochs * (train sequences // batch_size), as HF Trainer counts
         "early_stopping_patience": None,  # stop after this many evaluations without a better best
         "tasks": ["next_item", "title2sid"],  # trainer/data/tasks.py SFT_TASKS
+        "dropout": 0.0,  # of the embedding and each residual branch, in training passes only
     },
     # RL keys sit at the top level like the runbook's smoke run (--set steps=3 --set rollout.n=8).
     "steps": 20,
@@ -178,6 +179,7 @@ SCHEMA = {
     "sft.epochs": Float(min=0, exclusive_min=True, nullable=True),  # null: sft.steps
     "sft.early_stopping_patience": Int(min=1, nullable=True),  # null: never stop early
     "sft.tasks": List(),  # checked against trainer/data/tasks.py SFT_TASKS
+    "sft.dropout": Float(min=0, max=1),
     "steps": Int(min=1),
     "epochs": Float(min=0, exclusive_min=True, nullable=True),  # null: steps
     "eval_every_steps": Int(min=0),  # 0: no in-training validation

@@ -242,6 +242,14 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    """Inverted dropout (kept values scaled by 1/(1-rate)); identity without a key or at rate 0."""
+    if key is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pdt = jnp.dtype(cfg.param_dtype)
@@ -250,13 +258,15 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, pdt)
         self.mlp = MLP(cfg, rngs)
 
-    def _residual(self, x, attn):
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def _residual(self, x, attn, rate: float = 0.0, key=None):
+        """x + attn + mlp, each branch dropped out (GPT-2's residual dropout) when given a key."""
+        keys = (None, None) if key is None else tuple(jax.random.split(key))
+        x = x + dropout(attn, rate, keys[0])
+        return x + dropout(self.mlp(self.post_attention_layernorm(x)), rate, keys[1])
 
-    def __call__(self, x, positions, key_mask):
+    def __call__(self, x, positions, key_mask, rate: float = 0.0, key=None):
         attn, k, v = self.self_attn(self.input_layernorm(x), positions, key_mask)
-        return self._residual(x, attn), (k, v)
+        return self._residual(x, attn, rate, key), (k, v)
 
     def decode(self, x, positions, prompt_k, prompt_v, prompt_mask, gen_k, gen_v, filled: int):
         attn, k, v = self.self_attn.decode(self.input_layernorm(x), positions, prompt_k, prompt_v, prompt_mask,
@@ -316,20 +326,26 @@ class Qwen2ForCausalLM(nnx.Module):
         traffic per call (bench/hlo_bytes.py) for the few rows used. Same values either way."""
         return jnp.take(self.embed_tokens.embedding[...], ids, axis=0).astype(jnp.dtype(self.cfg.dtype))
 
-    def _run(self, input_ids, attention_mask, keep_kv: bool):
+    def _run(self, input_ids, attention_mask, keep_kv: bool, dropout_rate: float = 0.0, dropout_key=None):
         attention_mask = attention_mask.astype(jnp.int32)
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        x = shard_rows(self.embed(input_ids))
+        layer_keys = None
+        if dropout_key is not None and dropout_rate > 0.0:  # one key for the embedding, one per layer
+            embed_key, *layer_keys = jax.random.split(dropout_key, self.cfg.num_layers + 1)
+            x, layer_keys = dropout(x, dropout_rate, embed_key), jnp.stack(layer_keys)
 
-        def step(layer, x, _):
-            x, kv = layer(x, positions, attention_mask)
+        def step(layer, x, key):
+            x, kv = layer(x, positions, attention_mask, dropout_rate, key)
             return x, (kv if keep_kv else None)
 
-        x, kv = self._scan(step, shard_rows(self.embed(input_ids)))
+        x, kv = self._scan(step, x, layer_keys)
         return self.norm(x), kv
 
-    def hidden_states(self, input_ids, attention_mask):
-        """Final-norm hidden states [B, T, hidden] of a full causal pass (training, scoring)."""
-        return self._run(input_ids, attention_mask, keep_kv=False)[0]
+    def hidden_states(self, input_ids, attention_mask, dropout_rate: float = 0.0, dropout_key=None):
+        """Final-norm hidden states [B, T, hidden] of a full causal pass (training, scoring). With
+        `dropout_key`, the embedding and each residual branch are dropped out at `dropout_rate`."""
+        return self._run(input_ids, attention_mask, False, dropout_rate, dropout_key)[0]
 
     def prefill(self, input_ids, attention_mask) -> tuple[jax.Array, PromptCache]:
         """Run left-padded prompts once: next-token logits [B, V] (last position only) and their cache."""

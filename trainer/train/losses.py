@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 
 
-def response_logprobs(model, input_ids: jax.Array, attention_mask: jax.Array, n_resp: int) -> jax.Array:
-    """[B, n_resp] log p(token_t | tokens_<t) for the last n_resp tokens of each row."""
-    hidden = model.hidden_states(input_ids, attention_mask)
+def response_logprobs(model, input_ids: jax.Array, attention_mask: jax.Array, n_resp: int,
+                      dropout_rate: float = 0.0, dropout_key=None) -> jax.Array:
+    """[B, n_resp] log p(token_t | tokens_<t) for the last n_resp tokens of each row (with dropout
+    when given a key: SFT's training pass only)."""
+    hidden = model.hidden_states(input_ids, attention_mask, dropout_rate, dropout_key)
     logits = model.logits(hidden[:, -n_resp - 1:-1])
     logp = jax.nn.log_softmax(logits, axis=-1)
     targets = input_ids[:, -n_resp:]

@@ -123,22 +123,24 @@ def prepare_data(cfg: dict, data_dir: str) -> dict:
             "eos_id": tok.eos_token_id}
 
 
-def make_steps(graphdef, tx, mesh=None):
-    """Jitted (train_step, eval_loss); with `mesh`, activations are split by rows over it."""
-    def loss_fn(params, batch):
+def make_steps(graphdef, tx, mesh=None, dropout_rate: float = 0.0):
+    """Jitted (train_step, eval_loss); with `mesh`, activations are split by rows over it.
+    train_step(params, opt_state, batch, key) drops out at `dropout_rate` when given `key`."""
+    def loss_fn(params, batch, key=None):
         model = nnx.merge(graphdef, params)
         resp = batch.get("resp_mask")
         if resp is None:
             resp = jnp.ones((batch["input_ids"].shape[0], N_RESP), jnp.float32)
         with parallel.rows_over(mesh):
-            lp = response_logprobs(model, batch["input_ids"], batch["attention_mask"], resp.shape[1])
+            lp = response_logprobs(model, batch["input_ids"], batch["attention_mask"], resp.shape[1],
+                                   dropout_rate, key)
         return -(lp * resp).sum() / jnp.maximum(resp.sum(), 1.0)
 
     # params and optimizer state are donated: the caller rebinds both, so the old and the new
     # train state never coexist in device memory.
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+    def train_step(params, opt_state, batch, key=None):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, key)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
 
@@ -213,7 +215,10 @@ def run(cfg: dict, data_dir: str) -> dict | None:
     parallel.check_divisible(bs, mesh, "sft.batch_size")
     tx, schedule, opt_desc = build_optimizer(cfg["train"]["optimizer"], steps)
     opt_state = parallel.init_opt_state(tx, params, mesh)
-    train_step, eval_loss = make_steps(graphdef, tx, mesh)
+    if not 0.0 <= sft["dropout"] < 1.0:
+        raise ConfigError(f"sft.dropout={sft['dropout']!r}: must be at least 0 and below 1")
+    train_step, eval_loss = make_steps(graphdef, tx, mesh, float(sft["dropout"]))
+    dropout_key = jax.random.key(int(cfg["seed"]))  # folded with the step: a resumed run draws the same masks
 
     store = train_state.store_for(out, cfg)
     start, best, best_step = 0, None, None
@@ -238,7 +243,7 @@ def run(cfg: dict, data_dir: str) -> dict | None:
         batch = parallel.global_batch({"input_ids": bundle["train_ids"][rows],
                                        "attention_mask": bundle["train_mask"][rows],
                                        "resp_mask": bundle["train_resp"][rows]}, mesh)
-        params, opt_state, m = train_step(params, opt_state, batch)
+        params, opt_state, m = train_step(params, opt_state, batch, jax.random.fold_in(dropout_key, step))
         tokens += int(bundle["train_mask"][rows].sum())
         done = step + 1
         if done % eval_every == 0 or done == steps:
