@@ -14,10 +14,10 @@ from trainer.train.parallel import param_spec
 SCRIPT = Path(__file__).parent / "scripts" / "mesh_equivalence.py"
 
 
-def run_on_mesh(devices: int, data: int, fsdp: int) -> dict:
+def run_on_mesh(devices: int, data: int, fsdp: int, dropout: float = 0.0) -> dict:
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    out = subprocess.run([sys.executable, str(SCRIPT), str(data), str(fsdp)], env=env, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run([sys.executable, str(SCRIPT), str(data), str(fsdp), str(dropout)], env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -29,6 +29,16 @@ def test_fsdp_and_data_parallel_match_a_single_device():
     assert fsdp["emb_spec"] == "P('fsdp', None)"  # params really are sharded
     for other in (dp, fsdp):
         np.testing.assert_allclose(other["sums"], single["sums"], rtol=1e-4, atol=1e-5)  # reduction order only
+        assert other["loss"] == pytest.approx(single["loss"], rel=1e-5)
+
+
+def test_dropout_masks_do_not_depend_on_the_mesh():
+    """sft.dropout on the workflow's sharded slice trains what it trains on one device: the masks
+    come from the key and the global shape, not from how the rows are split."""
+    single = run_on_mesh(1, 1, 1, dropout=0.2)
+    assert single["loss"] != pytest.approx(run_on_mesh(1, 1, 1)["loss"], rel=1e-3)  # dropout is on
+    for other in (run_on_mesh(4, 4, 1, dropout=0.2), run_on_mesh(4, 2, 2, dropout=0.2)):
+        np.testing.assert_allclose(other["sums"], single["sums"], rtol=1e-4, atol=1e-5)
         assert other["loss"] == pytest.approx(single["loss"], rel=1e-5)
 
 
