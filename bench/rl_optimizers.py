@@ -22,9 +22,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import load_config  # noqa: E402
+from trainer.eval.significance import paired_bootstrap, per_row  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BASE, SFT = REPO / "config/trainer/demo/base.yaml", REPO / "config/trainer/demo/sft.yaml"
+RESAMPLES = 2000  # bootstrap draws (the workflow's metrics.json uses trainer.eval.significance's 1,000)
 SETTINGS = {  # name -> RL overrides
     "sgd_0.1_kl0 (demo)": ["train.optimizer.name=sgd", "train.optimizer.lr_schedule.type=constant",
                            "train.optimizer.lr_schedule.peak_value=0.1", "rl.kl_coef=0.0"],
@@ -37,8 +39,8 @@ SETTINGS = {  # name -> RL overrides
 }
 
 
-def ranks(data: Path, sft_dir: Path, checkpoint: Path) -> np.ndarray:
-    """Rank of the target in each valid row's 20-beam list (20 = not found)."""
+def predictions(data: Path, sft_dir: Path, checkpoint: Path) -> list[dict]:
+    """Each valid row's 20-beam prediction record (the evaluation's own format)."""
     from trainer.data import readers as dt
     from trainer.data.tokenizer import load_tokenizer
     from trainer.eval.evaluate import evaluate_examples
@@ -52,19 +54,7 @@ def ranks(data: Path, sft_dir: Path, checkpoint: Path) -> np.ndarray:
     load_into_model(model, checkpoint)
     records, _ = evaluate_examples(model, tok, catalog, examples, 20, 50, cfg["data"]["max_prompt_len"],
                                    wording="sft")  # the wording SFT trained on
-    target = [r["output"].strip() for r in records]
-    return np.array([r["predict"].index(t) if t in r["predict"] else 20 for r, t in zip(records, target)])
-
-
-def metrics(rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    hit = (rank < 10).astype(float)
-    return hit, np.where(rank < 10, 1.0 / np.log2(rank + 2.0), 0.0)
-
-
-def paired_interval(a: np.ndarray, b: np.ndarray, n: int = 2000, seed: int = 0) -> list[float]:
-    idx = np.random.default_rng(seed).integers(0, len(a), size=(n, len(a)))
-    deltas = (b[idx] - a[idx]).mean(axis=1)
-    return [float(np.percentile(deltas, 2.5)), float(np.percentile(deltas, 97.5))]
+    return records
 
 
 def main() -> None:
@@ -83,8 +73,8 @@ def main() -> None:
         generate(data, 120, 400, 8, 0)  # the demo dataset
         sft.run(load_config([BASE, SFT], [f"sft.steps={args.sft_steps}", "sft.eval_every=150",
                                           f"output_dir={sft_dir}"]), str(data))
-    before = ranks(data, sft_dir, sft_dir / "sft_best.msgpack")
-    hit0, gain0 = metrics(before)
+    before = predictions(data, sft_dir, sft_dir / "sft_best.msgpack")
+    rows0 = per_row(before)
     for i, (name, sets) in enumerate(SETTINGS.items()):
         rl_out = out / f"rl{i}"
         t = time.time()
@@ -93,13 +83,12 @@ def main() -> None:
             "rl.reward=ranking", "checkpoint_every_steps=0", "eval_every_steps=0", f"output_dir={rl_out}",
             f"init.checkpoint={sft_dir / 'sft_best.msgpack'}", f"tokenizer.path={sft_dir}"] + sets), str(data))
         seconds = time.time() - t
-        hit1, gain1 = metrics(ranks(data, sft_dir, rl_out / "sft_state_rl_last.msgpack"))
+        after = predictions(data, sft_dir, rl_out / "sft_state_rl_last.msgpack")
+        rows1, boot = per_row(after), paired_bootstrap(after, before, resamples=RESAMPLES)
         print(json.dumps({
             "setting": name, "valid_rows": len(before), "rl_seconds": round(seconds, 1),
-            "hr@10": [round(hit0.mean(), 4), round(hit1.mean(), 4)],
-            "hr@10_delta_ci95": [round(x, 4) for x in paired_interval(hit0, hit1)],
-            "ndcg@10": [round(gain0.mean(), 4), round(gain1.mean(), 4)],
-            "ndcg@10_delta_ci95": [round(x, 4) for x in paired_interval(gain0, gain1)],
+            **{key: [round(rows0[key].mean(), 4), round(rows1[key].mean(), 4)] for key in ("hr@10", "ndcg@10")},
+            **{f"{key}_delta_ci95": [round(x, 4) for x in boot[key]["ci95"]] for key in ("hr@10", "ndcg@10")},
             "groups_with_target": round(float(np.mean([r["accuracy"] for r in _rows(rl_out)])), 3),
             "mean_grad_norm": round(float(np.mean([r["grad_norm"] for r in _rows(rl_out)])), 4),
         }), flush=True)
