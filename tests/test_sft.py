@@ -268,7 +268,7 @@ def test_batch_larger_than_data_is_a_config_error(small, tmp_path, capsys):
     ("sft.best_metric=valid/hr@7", r"valid/hr@K or valid/ndcg@K with K in \[1, 3, 5, 10, 20, 50\]"),
     ("sft.best_metric=valid/hr@50", r"sft.best_metric=50 but the catalog has only 24 distinct SIDs"),
     ("sft.eval_every=0", r"'sft.eval_every' must be a number > 0, got 0$"),
-    ("sft.dropout=1", r"sft.dropout=1.0: must be at least 0 and below 1"),
+    ("sft.dropout=1", r"'sft.dropout' must be a number in \[0, 1\), got 1$"),
 ])
 def test_bad_settings_are_config_errors(small, tmp_path, setting, message):
     from trainer.train import sft

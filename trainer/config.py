@@ -179,7 +179,7 @@ SCHEMA = {
     "sft.epochs": Float(min=0, exclusive_min=True, nullable=True),  # null: sft.steps
     "sft.early_stopping_patience": Int(min=1, nullable=True),  # null: never stop early
     "sft.tasks": List(),  # checked against trainer/data/tasks.py SFT_TASKS
-    "sft.dropout": Float(min=0, max=1),
+    "sft.dropout": Float(min=0, max=1, exclusive_max=True),
     "steps": Int(min=1),
     "epochs": Float(min=0, exclusive_min=True, nullable=True),  # null: steps
     "eval_every_steps": Int(min=0),  # 0: no in-training validation

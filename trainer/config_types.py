@@ -29,6 +29,7 @@ class Spec:
     choices: tuple = ()
     also: tuple = ()  # further literal values accepted (wandb.enabled: "auto")
     exclusive_min: bool = False
+    exclusive_max: bool = False
 
     def describe(self) -> str:
         if self.choices:
@@ -36,7 +37,9 @@ class Spec:
         else:
             text = _NAMES[self.kind]
             if self.min is not None and self.max is not None:
-                text += f" in [{self.min}, {self.max}]"
+                low = "(" if self.exclusive_min else "["
+                high = ")" if self.exclusive_max else "]"
+                text += f" in {low}{self.min}, {self.max}{high}"
             elif self.min is not None:
                 text += f" {'>' if self.exclusive_min else '>='} {self.min}"
         if self.also:
@@ -56,7 +59,8 @@ class Spec:
             ok = False
         if ok and self.kind in (int, float):
             low_bad = self.min is not None and (value <= self.min if self.exclusive_min else value < self.min)
-            ok = not low_bad and (self.max is None or value <= self.max)
+            high_bad = self.max is not None and (value >= self.max if self.exclusive_max else value > self.max)
+            ok = not low_bad and not high_bad
         if not ok:
             raise ConfigError(f"{source}: '{key}' must be {self.describe()}, got {given!r}")
         return value
@@ -67,8 +71,8 @@ def Int(min: int | None = None, max: int | None = None, nullable: bool = False) 
 
 
 def Float(min: float | None = None, max: float | None = None, nullable: bool = False,
-          exclusive_min: bool = False) -> Spec:
-    return Spec(float, nullable, min, max, exclusive_min=exclusive_min)
+          exclusive_min: bool = False, exclusive_max: bool = False) -> Spec:
+    return Spec(float, nullable, min, max, exclusive_min=exclusive_min, exclusive_max=exclusive_max)
 
 
 def Str(nullable: bool = False) -> Spec:
