@@ -181,9 +181,9 @@ def test_update_step_donates_the_train_state(tiny):
 
 def test_completion_tokens():
     table = jnp.array([[10, 20, 30], [11, 21, 31], [12, 22, 32]], jnp.int32)
-    out = np.asarray(rollout.completion_tokens(table, jnp.array([[1, 0], [2, 2]]), 99))
-    np.testing.assert_array_equal(out, [[[11, 21, 31, 99], [10, 20, 30, 99]],
-                                        [[12, 22, 32, 99], [12, 22, 32, 99]]])
+    out = np.asarray(rollout.completion_tokens(table, jnp.array([[1, 0], [2, 2]]), 99, 98))
+    np.testing.assert_array_equal(out, [[[11, 21, 31, 99, 98], [10, 20, 30, 99, 98]],
+                                        [[12, 22, 32, 99, 98], [12, 22, 32, 99, 98]]])
 
 
 # ----------------------------------------------------------------------------- rollout

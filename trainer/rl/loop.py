@@ -133,15 +133,15 @@ def make_step_fns(graphdef, tx, cfg: dict, mesh, state_shardings, sid_embeddings
         rewards = reward_fn(sid_index, targets)
         return rewards, advantage.group_advantages(rewards, float(rl["adv_eps"]))
 
-    def sequences(prompt_ids, prompt_mask, sid_table, sid_index, adv, newline_id):
-        """Prompt + completion rows [B*G, P+4], one per completion, with its advantage."""
-        resp = rollout.completion_tokens(sid_table, sid_index, newline_id)  # [B, G, 4]
+    def sequences(prompt_ids, prompt_mask, sid_table, sid_index, adv, newline_id, eos_id):
+        """Prompt + completion rows [B*G, P+5], one per completion, with its advantage."""
+        resp = rollout.completion_tokens(sid_table, sid_index, newline_id, eos_id)  # [B, G, 5]
         b, p = prompt_ids.shape
         ids = jnp.concatenate([jnp.repeat(prompt_ids[:, None], g, 1), resp], -1).reshape(b * g, p + update.N_RESP)
         mask = jnp.concatenate([jnp.repeat(prompt_mask[:, None], g, 1), jnp.ones_like(resp)], -1).reshape(b * g, -1)
         return ids, mask, adv.reshape(-1)
 
-    build_sequences = jax.jit(sequences, static_argnums=(5,), out_shardings=(seq_sharding,) * 3)
+    build_sequences = jax.jit(sequences, static_argnums=(5, 6), out_shardings=(seq_sharding,) * 3)
     return logprobs, update_step, score, build_sequences
 
 
@@ -232,7 +232,7 @@ class Trainer:
     def _update_batch(self, prompt_ids, prompt_mask, sid_index, adv) -> dict:
         """Completion rows with their advantages and, when needed, old-policy / reference log-probs."""
         ids, mask, adv_rows = self.build_sequences(prompt_ids, prompt_mask, self.sid_table, sid_index, adv,
-                                                   self.inputs.newline_id)
+                                                   self.inputs.newline_id, self.inputs.eos_id)
         batch = {"input_ids": ids, "attention_mask": mask, "advantages": adv_rows}
         if self.with_old:
             batch["old_logp"] = self.logprobs(self.params, ids, mask)

@@ -39,7 +39,9 @@ def rollout(graphdef, params, prompt_ids: jax.Array, prompt_mask: jax.Array, tri
     raise AssertionError("unreachable: check_mode")
 
 
-def completion_tokens(sid_table: jax.Array, sid_index: jax.Array, newline_id: int) -> jax.Array:
-    """[B, G] SID rows -> [B, G, 4] response tokens (a, b, c, newline)."""
+def completion_tokens(sid_table: jax.Array, sid_index: jax.Array, newline_id: int, eos_id: int) -> jax.Array:
+    """[B, G] SID rows -> [B, G, 5] completion tokens (a, b, c, newline, EOS), what upstream's beam
+    search returns and its loss scores."""
     codes = sid_table[sid_index]
-    return jnp.concatenate([codes, jnp.full(codes.shape[:-1] + (1,), newline_id, codes.dtype)], axis=-1)
+    tail = jnp.broadcast_to(jnp.asarray([newline_id, eos_id], codes.dtype), codes.shape[:-1] + (2,))
+    return jnp.concatenate([codes, tail], axis=-1)

@@ -21,7 +21,9 @@ from flax import nnx
 from trainer.train import parallel
 from trainer.train.losses import response_logprobs
 
-N_RESP = 4  # a, b, c, newline
+# a, b, c, newline, EOS: upstream's completion mask (minionerec_trainer.py) keeps every token up to
+# and including the first EOS, so its per-sequence mean and gradient cover the stop too.
+N_RESP = 5
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, token_mask, clip_eps: float, kl_coef: float):
