@@ -45,7 +45,7 @@ def upstream_loss_fns():
     assert {f.name for f in found} == wanted, f"{path}: {wanted} not found in a class"
     for f in found:
         f.decorator_list = []
-    space = {"torch": torch, "Optional": object,
+    space = {"torch": torch,
              "selective_log_softmax": lambda logits, ids: torch.gather(
                  logits.log_softmax(-1), -1, ids.unsqueeze(-1)).squeeze(-1)}
     exec(compile(ast.Module(body=found, type_ignores=[]), str(path), "exec"), space)

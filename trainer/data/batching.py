@@ -34,6 +34,11 @@ def left_pad(seqs: list[list[int]], pad_id: int, length: int | None = None) -> t
     return ids, mask
 
 
+# A SID answer's tokens: a, b, c, newline, EOS. SFT trains all of them and the RL update scores
+# all of them, as upstream's completion mask keeps every token through the first EOS.
+SID_ANSWER_TOKENS = 5
+
+
 def response_ids(sid_table: np.ndarray, sid_index: np.ndarray, newline_id: int, eos_id: int | None) -> np.ndarray:
     """[N, 4] (a, b, c, newline) or [N, 5] with EOS appended (SFT trains the stop too)."""
     cols = [sid_table[sid_index], np.full((len(sid_index), 1), newline_id, np.int32)]

@@ -18,12 +18,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from trainer.data.batching import SID_ANSWER_TOKENS
 from trainer.train import parallel
 from trainer.train.losses import response_logprobs
 
-# a, b, c, newline, EOS: upstream's completion mask (minionerec_trainer.py) keeps every token up to
-# and including the first EOS, so its per-sequence mean and gradient cover the stop too.
-N_RESP = 5
+N_RESP = SID_ANSWER_TOKENS  # upstream's completion mask covers the stop too (minionerec_trainer.py)
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, token_mask, clip_eps: float, kl_coef: float):

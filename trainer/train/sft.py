@@ -28,7 +28,7 @@ from trainer.model import checkpoint
 from trainer.train import distributed
 from trainer.train import parallel
 from trainer.train import train_state
-from trainer.data.batching import left_pad
+from trainer.data.batching import SID_ANSWER_TOKENS, left_pad
 from trainer.cli import base_parser
 from trainer.decode.beam import check_num_beams
 from trainer.eval.evaluate import build_records
@@ -46,7 +46,7 @@ from trainer.train.optim import build_optimizer
 from trainer.runlog import RunLog
 
 log = logging.getLogger("trainer")
-N_RESP = 5  # a SID answer: a, b, c, newline, eos (batches without a resp_mask hold only these)
+N_RESP = SID_ANSWER_TOKENS  # batches without a resp_mask hold only SID answers
 
 
 def parse_best_metric(name: str) -> tuple[str, int | None]:
