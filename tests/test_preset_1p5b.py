@@ -50,7 +50,11 @@ def test_preset_shape_is_qwen25_1p5b():
     assert (m.hidden_size, m.num_layers, m.num_heads, m.num_kv_heads, m.head_dim, m.intermediate_size) == \
         (1536, 28, 12, 2, 128, 8960)
     assert m.rope_theta == 1e6 and m.tie_word_embeddings and (m.dtype, m.param_dtype) == ("bfloat16", "float32")
-    assert (cfg["rollout"]["batch_size"], cfg["rollout"]["n"], cfg["eval"]["num_beams"]) == (32, 16, 50)
+    # upstream's update batches: rl.sh 64 completions x 8 processes x 2 accumulated / 16 beams = 64
+    # prompts; sft.sh --batch_size 1024 (tests/test_recipes.py parses both scripts)
+    assert (cfg["rollout"]["batch_size"], cfg["rollout"]["n"], cfg["eval"]["num_beams"]) == (64, 16, 50)
+    sft_cfg = load_config([PRESET / "base.yaml", PRESET / "sft.yaml"], stage="sft")
+    assert sft_cfg["sft"]["batch_size"] == 1024
     assert cfg["mesh"] == {"data": 1, "fsdp": -1}
     assert cfg["recipe"] == "minionerec" and cfg["rl"]["kl_coef"] == 1e-3  # upstream's RL recipe (rl.sh)
 

@@ -165,6 +165,19 @@ def test_sft_preset_matches_upstream(tmp_path):
     assert list(dict.fromkeys(ours[t] for t in c["sft"]["tasks"])) == theirs
 
 
+PRESET_1P5B = Path(__file__).resolve().parents[1] / "config/trainer/qwen2.5-1.5b"
+
+
+@needs_upstream
+def test_1p5b_preset_runs_upstreams_recipe_unchanged():
+    """What the real-path operator runs on the v6e-16: the recipe with upstream's update batches
+    (sft.sh's 1,024 sequences, rl.sh's 64 prompts per optimizer step), not a memory-driven variant."""
+    rl = load_config([PRESET_1P5B / "base.yaml", PRESET_1P5B / "rl.yaml"], stage="rl")
+    _compare("RL: config/trainer/qwen2.5-1.5b vs rl.sh/rl.py", ours_rl(rl), upstream_rl())
+    sft = load_config([PRESET_1P5B / "base.yaml", PRESET_1P5B / "sft.yaml"], stage="sft")
+    _compare("SFT: config/trainer/qwen2.5-1.5b vs sft.sh/sft.py", ours_sft(sft), upstream_sft())
+
+
 def test_files_override_the_recipe_and_unknown_names_fail(tmp_path):
     f = tmp_path / "rl.yaml"
     f.write_text("recipe: minionerec\nrl: {kl_coef: 0.5}\n")
